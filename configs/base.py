@@ -1,0 +1,71 @@
+"""Shared base of every recipe: the full set of config keys with SimCLR's defaults.
+
+Recipes import this and change only what differs (see flax/examples/imagenet). Every key any
+module reads lives here, so `--config.some.key=value` overrides are checked against one schema.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base config (CIFAR-10 sized defaults from the official SimCLR recipe)."""
+  c = ml_collections.ConfigDict()
+  c.job = 'pretrain'  # 'pretrain' | 'linear_eval'
+  c.seed = 0
+
+  # --- data ----------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'tfds'  # 'tfds' | 'folder' | 'demo'
+  c.data.name = 'cifar10'  # TFDS name (source='tfds')
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir, may be gs://
+  c.data.folder = ml_collections.config_dict.placeholder(str)  # root of <split>/<class>/*.jpg
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.image_size = 32  # side of the square views fed to the encoder
+  c.data.num_classes = 10  # labels for the online probe; 0 disables the probe
+  c.data.shuffle_buffer = 50_000
+  c.data.on_corrupt = 'skip'  # 'skip' (count and log) | 'error' (stop, naming the file)
+  c.data.cache = True  # cache decoded examples in memory (small data sets)
+
+  # --- SimCLR views (DESIGN.md "views") ---------------------------------------------------------
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_area = (0.08, 1.0)
+  c.augment.crop_aspect = (3 / 4, 4 / 3)
+  c.augment.flip = True
+  c.augment.jitter_strength = 0.5  # s: CIFAR 0.5, ImageNet 1.0
+  c.augment.jitter_prob = 0.8
+  c.augment.grayscale_prob = 0.2
+  c.augment.blur = False  # off for 32x32 data, on for ImageNet
+  c.augment.blur_prob = 0.5
+
+  # --- model ----------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 18  # 18 | 34 | 50 | 101 | 152 | 200
+  c.model.width = 1.0  # width multiplier
+  c.model.cifar_stem = True  # 3x3 stride-1 stem, no max-pool
+  c.model.num_proj_layers = 2  # 2 = SimCLRv1, 3 = SimCLRv2
+  c.model.proj_dim = 128
+  c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params, BN stats, loss f32)
+
+  # --- loss -----------------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.5
+
+  # --- optimiser (DESIGN.md "optimiser") -------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.0
+  c.optim.lr_scaling = 'linear'  # 'linear': base_lr*B/256 | 'sqrt': base_lr*sqrt(B)
+  c.optim.warmup_epochs = 10.0
+  c.optim.weight_decay = 1e-4
+  c.optim.momentum = 0.9
+  c.optim.trust_coefficient = 1e-3
+  c.optim.probe_lr = 0.1  # peak lr of the online probe's momentum SGD (same warm-up/cosine shape)
+
+  # --- training loop --------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 512  # global batch, over all devices and hosts
+  c.train.epochs = 1000.0
+  c.train.steps = -1  # > 0 overrides epochs
+  c.train.log_every_steps = 100
+  c.train.checkpoint_every_steps = 1000
+  c.train.keep_checkpoints = 3
+  return c

@@ -1,0 +1,1 @@
+"""simclr_jax: SimCLR pretraining and linear evaluation in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Benchmarks: each sub-command prints a table and saves its figures as JSON."""

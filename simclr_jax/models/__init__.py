@@ -1,0 +1,1 @@
+"""ResNet encoders and the SimCLR model (encoder + projection head + online probe)."""

@@ -1,0 +1,107 @@
+"""ResNet v1 encoders (18/34 basic, 50/101/152/200 bottleneck) as in the official SimCLR code.
+
+Stride sits on the 3x3 convolution of bottleneck blocks (as in SimCLR's and torchvision's
+ResNet-50, whose encoder has 23.5M parameters). BN momentum 0.9 and epsilon 1e-5 follow the
+official code; the last BN of every residual block starts with gamma = 0 so each block starts as
+an identity, which the SimCLR paper's large-batch LARS training relies on.
+"""
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# depth -> (block kind, blocks per stage)
+STAGES: dict[int, tuple[str, Sequence[int]]] = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+    200: ('bottleneck', (3, 24, 36, 3)),
+}
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+  filters: int
+  strides: int
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.filters:
+      shortcut = self.conv(self.filters, (1, 1), self.strides, name='proj_conv')(x)
+      shortcut = self.norm(name='proj_bn')(shortcut)
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    return nn.relu(y + shortcut)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 → 3x3 (strided) → 1x1 (4x filters) with a residual connection (ResNet-50+)."""
+  filters: int
+  strides: int
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    out_filters = 4 * self.filters
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != out_filters:
+      shortcut = self.conv(out_filters, (1, 1), self.strides, name='proj_conv')(x)
+      shortcut = self.norm(name='proj_bn')(shortcut)
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+    y = self.conv(out_filters, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """ResNet v1 trunk returning the globally average-pooled representation h."""
+  depth: int = 50
+  width: float = 1.0
+  cifar_stem: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    if self.depth not in STAGES:
+      raise ValueError(f'config.model.depth={self.depth} is not a ResNet depth; '
+                       f'choose one of {sorted(STAGES)}.')
+    kind, blocks = STAGES[self.depth]
+    block_cls = BasicBlock if kind == 'basic' else BottleneckBlock
+    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype)
+    base = max(1, int(round(64 * self.width)))
+
+    x = x.astype(self.dtype)
+    if self.cifar_stem:
+      x = conv(base, (3, 3), name='stem_conv')(x)
+    else:
+      x = conv(base, (7, 7), 2, name='stem_conv')(x)
+    x = nn.relu(norm(name='stem_bn')(x))
+    if not self.cifar_stem:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    for stage, num_blocks in enumerate(blocks):
+      for i in range(num_blocks):
+        strides = 2 if stage > 0 and i == 0 else 1
+        x = block_cls(base * 2**stage, strides, conv, norm, name=f'stage{stage + 1}_block{i + 1}')(x)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+def feature_dim(depth: int, width: float) -> int:
+  """Size of h for a ResNet of this depth and width (512w for basic, 2048w for bottleneck)."""
+  kind, _ = STAGES[depth]
+  base = max(1, int(round(64 * width)))
+  return base * 8 * (1 if kind == 'basic' else 4)

@@ -1,0 +1,61 @@
+"""Mesh, shardings and the host-batch → global-array step (DESIGN.md "Parallelism").
+
+One mesh over every device of every process, axis ``"data"``. Parameters and optimiser state
+are replicated; batches are sharded on their leading axis. Nothing here imports TensorFlow.
+"""
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes).
+
+  Axis type Auto: the train step is written on global arrays and XLA's SPMD partitioner
+  inserts the collectives (global BN statistics); the NT-Xent loss opts into manual
+  partitioning with `jax.shard_map` where the per-device logits shape matters.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding that keeps a full copy on every device (parameters, optimiser state)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits the leading (batch) axis over the "data" axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, key: str = 'train.batch_size') -> None:
+  """Raises a ValueError naming `key` if `global_batch` cannot be split over the mesh/processes."""
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch % n_dev:
+    raise ValueError(
+        f'config.{key}={global_batch} is not divisible by the number of devices ({n_dev}); '
+        f'set --config.{key} to a multiple of {n_dev}.')
+  if global_batch % n_proc:
+    raise ValueError(
+        f'config.{key}={global_batch} is not divisible by the number of processes ({n_proc}).')
+
+
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's local numpy batch into global arrays sharded on "data".
+
+  Every process passes its own slice (leading axis = global batch / process count); the result
+  has the global leading size. Works unchanged on one process.
+  """
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host pytree on every device of the mesh (for the initial train state)."""
+  return jax.device_put(tree, replicated(mesh))

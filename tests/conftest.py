@@ -1,0 +1,20 @@
+"""Runs every test on 8 emulated CPU devices: this must execute before JAX initialises."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402  (after the flags on purpose)
+import pytest  # noqa: E402
+
+jax.config.update('jax_threefry_partitionable', True)
+
+
+@pytest.fixture(scope='session')
+def devices() -> list[jax.Device]:
+  """The 8 emulated CPU devices; fails loudly if the flag did not take effect."""
+  devs = jax.devices()
+  assert len(devs) == 8, f'expected 8 emulated CPU devices, got {len(devs)}'
+  return devs
