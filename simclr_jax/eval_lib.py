@@ -119,38 +119,48 @@ def train_linear_probe(train_feats: Any, train_labels: Any, num_classes: int, *,
   if epochs < 1 or batch_size < 1:
     raise ValueError(f'epochs={epochs} and batch_size={batch_size} must be >= 1.')
   batch_size = min(batch_size, n)
-  steps_per_epoch = n // batch_size
+  epoch_fn, tx = _probe_epoch_fn(n // batch_size, batch_size, epochs, float(learning_rate),
+                                 float(momentum), bool(nesterov), float(weight_decay))
+  stats = {'mean': jnp.mean(feats, axis=0), 'var': jnp.var(feats, axis=0)}
+  trainable = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
+               'bias': jnp.zeros((num_classes,), jnp.float32)}
+  opt_state = tx.init(trainable)
+  key = jax.random.key(seed)
+  for e in range(epochs):
+    trainable, opt_state = epoch_fn(trainable, opt_state, stats, feats, labels,
+                                    jax.random.fold_in(key, e))
+  return {**stats, **trainable}
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_epoch_fn(steps_per_epoch: int, batch_size: int, epochs: int, learning_rate: float,
+                    momentum: float, nesterov: bool, weight_decay: float
+                    ) -> tuple[Callable[..., Any], optax.GradientTransformation]:
+  """The probe's optimiser and its jitted epoch (cached: equal settings compile once)."""
   schedule = optim.warmup_cosine(learning_rate, 0, epochs * steps_per_epoch)
   tx = optax.chain(
       optax.add_decayed_weights(weight_decay, mask={'kernel': True, 'bias': False}),
       optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
 
-  stats = {'mean': jnp.mean(feats, axis=0), 'var': jnp.var(feats, axis=0)}
-  trainable = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
-               'bias': jnp.zeros((num_classes,), jnp.float32)}
-  opt_state = tx.init(trainable)
-
-  def loss_fn(trainable, x, y):
+  def loss_fn(trainable, stats, x, y):
     logits = predict_linear_probe({**stats, **trainable}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  def step(carry, idx):
-    trainable, opt_state = carry
-    grads = jax.grad(loss_fn)(trainable, feats[idx], labels[idx])
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return (optax.apply_updates(trainable, updates), opt_state), None
-
   @jax.jit
-  def epoch(trainable, opt_state, key):
-    order = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
+  def epoch(trainable, opt_state, stats, feats, labels, key):
+    # Features are arguments, never closed-over constants (they can be gigabytes).
+    def step(carry, idx):
+      trainable, opt_state = carry
+      grads = jax.grad(loss_fn)(trainable, stats, feats[idx], labels[idx])
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      return (optax.apply_updates(trainable, updates), opt_state), None
+
+    order = jax.random.permutation(key, feats.shape[0])[:steps_per_epoch * batch_size]
     (trainable, opt_state), _ = jax.lax.scan(
         step, (trainable, opt_state), order.reshape(steps_per_epoch, batch_size))
     return trainable, opt_state
 
-  key = jax.random.key(seed)
-  for e in range(epochs):
-    trainable, opt_state = epoch(trainable, opt_state, jax.random.fold_in(key, e))
-  return {**stats, **trainable}
+  return epoch, tx
 
 
 # --- kNN -----------------------------------------------------------------------------------------
