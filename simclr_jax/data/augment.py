@@ -1,0 +1,188 @@
+"""SimCLR view ops (DESIGN.md "views") as pure functions of (image, seed).
+
+Every random draw uses stateless TF ops keyed by a seed derived from (run seed, epoch, example
+index, view index), so a view can be recomputed exactly after a restart. Sampling is split from
+application (`sample_view_params` / `apply_view`) so tests can check the distributions directly.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import tensorflow as tf
+
+PRESETS = {  # config.augment overrides for the two standard image sizes.
+    'cifar': dict(jitter_strength=0.5, blur=False),
+    'imagenet': dict(jitter_strength=1.0, blur=True),
+}
+CROP_TRIES = 100
+EVAL_CROP_FRACTION = 0.875  # 224/256: the official SimCLR / ResNet eval crop.
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+  """Parameters of the train and eval views (from config.data.image_size and config.augment)."""
+  size: int = 32
+  crop_area: tuple[float, float] = (0.08, 1.0)
+  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+  flip: bool = True
+  jitter_strength: float = 0.5
+  jitter_prob: float = 0.8
+  grayscale_prob: float = 0.2
+  blur: bool = False
+  blur_prob: float = 0.5
+
+
+def view_config(config: Any) -> ViewConfig:
+  """ViewConfig from a full config (keys config.data.image_size and config.augment.*)."""
+  a = config.augment
+  return ViewConfig(size=config.data.image_size, crop_area=tuple(a.crop_area),
+                    crop_aspect=tuple(a.crop_aspect), flip=a.flip,
+                    jitter_strength=a.jitter_strength, jitter_prob=a.jitter_prob,
+                    grayscale_prob=a.grayscale_prob, blur=a.blur, blur_prob=a.blur_prob)
+
+
+def view_seed(seed: Any, epoch: Any, index: Any, view: Any) -> tf.Tensor:
+  """Stateless seed [2] for view `view` of example `index` in epoch `epoch` of run `seed`."""
+  s = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
+  for x in (epoch, index, view):
+    s = tf.random.experimental.stateless_fold_in(s, tf.cast(x, tf.int64), alg='philox')
+  return s
+
+
+def sample_crop_window(seed: tf.Tensor, shape: tf.Tensor, area: tuple[float, float],
+                       aspect: tuple[float, float], tries: int = CROP_TRIES) -> tf.Tensor:
+  """Random-resized-crop window [y, x, h, w] (int32) for an image of `shape` [H, W, ...].
+
+  Draws `tries` (area fraction, log-aspect) pairs at once and takes the first that fits, else the
+  whole image (the SimCLR/Inception fallback). Vectorised tries avoid a tf.while_loop.
+  """
+  h_img, w_img = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  s_area, s_aspect, s_offset = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  target = tf.random.stateless_uniform([tries], s_area, area[0], area[1]) * h_img * w_img
+  ratio = tf.exp(tf.random.stateless_uniform(
+      [tries], s_aspect, math.log(aspect[0]), math.log(aspect[1])))
+  w, h = tf.round(tf.sqrt(target * ratio)), tf.round(tf.sqrt(target / ratio))
+  fits = (w >= 1) & (h >= 1) & (w <= w_img) & (h <= h_img)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  any_fits = tf.reduce_any(fits)
+  h = tf.where(any_fits, h[first], h_img)
+  w = tf.where(any_fits, w[first], w_img)
+  u = tf.random.stateless_uniform([2], s_offset)
+  y = tf.minimum(tf.floor(u[0] * (h_img - h + 1)), h_img - h)
+  x = tf.minimum(tf.floor(u[1] * (w_img - w + 1)), w_img - w)
+  return tf.cast(tf.stack([y, x, h, w]), tf.int32)
+
+
+def sample_view_params(seed: tf.Tensor, cfg: ViewConfig) -> dict[str, tf.Tensor]:
+  """Every random choice of one train view except the crop window (drawn from the image shape)."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+  u = tf.random.stateless_uniform([5], seeds[0])
+  d = 0.8 * cfg.jitter_strength
+  lo = max(0.0, 1.0 - d)
+  factors = tf.random.stateless_uniform([3], seeds[1], lo, 1.0 + d)
+  return {
+      'crop_seed': seeds[2],
+      'flip': (u[0] < 0.5) & cfg.flip,
+      'jitter': u[1] < cfg.jitter_prob,
+      'brightness': factors[0], 'contrast': factors[1], 'saturation': factors[2],
+      'hue': tf.random.stateless_uniform([], seeds[3], -0.2 * cfg.jitter_strength,
+                                         0.2 * cfg.jitter_strength),
+      # The jitter ops in random order: argsort of 4 uniforms is a uniform permutation.
+      'order': tf.argsort(tf.random.stateless_uniform([4], seeds[4])),
+      'grayscale': u[2] < cfg.grayscale_prob,
+      'blur': (u[3] < cfg.blur_prob) & cfg.blur,
+      'sigma': 0.1 + 1.9 * u[4],
+  }
+
+
+def decode_and_crop(image: tf.Tensor, window_fn: Any) -> tf.Tensor:
+  """uint8 [h, w, 3] crop of a decoded uint8 image or of encoded bytes; JPEG decodes only the crop.
+
+  `window_fn(shape) -> [y, x, h, w]` picks the window from the full image shape, which for JPEG
+  comes from the header (tf.image.extract_jpeg_shape) without decoding.
+  """
+  def crop(img: tf.Tensor) -> tf.Tensor:
+    w = window_fn(tf.shape(img))
+    return img[w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
+
+  if image.dtype != tf.string:
+    return crop(image)
+
+  def jpeg() -> tf.Tensor:
+    return tf.image.decode_and_crop_jpeg(
+        image, window_fn(tf.image.extract_jpeg_shape(image)), channels=3)
+
+  def other() -> tf.Tensor:  # PNG (and anything else decode_image knows).
+    return crop(tf.image.decode_image(image, channels=3, expand_animations=False))
+
+  return tf.cond(tf.image.is_jpeg(image), jpeg, other)
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8/float image → float32 [size, size, 3] in [0, 1], bicubic (which overshoots, so clip)."""
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  image = tf.image.resize(image, [size, size], method='bicubic')
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _color_jitter(image: tf.Tensor, p: dict[str, tf.Tensor]) -> tf.Tensor:
+  """Brightness (multiplicative), contrast, saturation, hue in p['order'], clipping after each."""
+  ops = [lambda x: x * p['brightness'],
+         lambda x: tf.image.adjust_contrast(x, p['contrast']),
+         lambda x: tf.image.adjust_saturation(x, p['saturation']),
+         lambda x: tf.image.adjust_hue(x, p['hue'])]
+  for i in range(4):
+    image = tf.switch_case(
+        tf.cast(p['order'][i], tf.int32),
+        [lambda op=op, x=image: tf.clip_by_value(op(x), 0.0, 1.0) for op in ops])
+  return image
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+  """Separable Gaussian blur of a [H, W, C] float image (as the official SimCLR, SAME padding)."""
+  radius = kernel_size // 2
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  k = tf.exp(-x**2 / (2.0 * sigma**2))
+  k /= tf.reduce_sum(k)
+  c = image.shape[-1]
+  k_v = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, c, 1])
+  k_h = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, c, 1])
+  out = tf.nn.depthwise_conv2d(image[None], k_h, [1, 1, 1, 1], 'SAME')
+  return tf.nn.depthwise_conv2d(out, k_v, [1, 1, 1, 1], 'SAME')[0]
+
+
+def apply_view(image: tf.Tensor, p: dict[str, tf.Tensor], cfg: ViewConfig) -> tf.Tensor:
+  """Applies drawn params: crop+resize → flip → jitter → grayscale → blur; float32 in [0, 1]."""
+  crop = decode_and_crop(
+      image, lambda shape: sample_crop_window(p['crop_seed'], shape, cfg.crop_area,
+                                              cfg.crop_aspect))
+  x = _resize(crop, cfg.size)
+  x = tf.cond(p['flip'], lambda: tf.image.flip_left_right(x), lambda: x)
+  x = tf.cond(p['jitter'], lambda: _color_jitter(x, p), lambda: x)
+  x = tf.cond(p['grayscale'], lambda: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]),
+              lambda: x)
+  if cfg.blur:
+    kernel = max(cfg.size // 10, 1)
+    x = tf.cond(p['blur'], lambda: gaussian_blur(x, p['sigma'], kernel), lambda: x)
+  x = tf.clip_by_value(x, 0.0, 1.0)
+  return tf.ensure_shape(x, [cfg.size, cfg.size, 3])
+
+
+def train_view(image: tf.Tensor, seed: tf.Tensor, cfg: ViewConfig) -> tf.Tensor:
+  """One SimCLR train view of a uint8 image or encoded JPEG/PNG bytes; a function of (image, seed)."""
+  return apply_view(image, sample_view_params(seed, cfg), cfg)
+
+
+def eval_window(shape: tf.Tensor, size: int) -> tf.Tensor:
+  """Centre crop [y, x, h, w] keeping 87.5% of the shorter side; the whole image at ≤ 32 px."""
+  h, w = shape[0], shape[1]
+  if size <= 32:
+    return tf.stack([0, 0, h, w])
+  side = tf.cast(tf.round(EVAL_CROP_FRACTION * tf.cast(tf.minimum(h, w), tf.float32)), tf.int32)
+  return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+
+
+def eval_view(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Eval view: centre crop (see eval_window) and bicubic resize to [size, size, 3] in [0, 1]."""
+  crop = decode_and_crop(image, lambda shape: eval_window(shape, size))
+  return tf.ensure_shape(_resize(crop, size), [size, size, 3])

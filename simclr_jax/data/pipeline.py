@@ -1,0 +1,120 @@
+"""Per-process train (two views) and eval datasets → numpy batches → global arrays on the mesh.
+
+The train stream is a pure function of (config, step): epoch e is the source shuffled with a seed
+from (config.seed, e), and each view is seeded by (config.seed, epoch, example index, view), so a
+restart at step k skips the un-augmented stream to example k·b and yields what an uninterrupted
+run yields from step k.
+"""
+import collections
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from simclr_jax import parallel
+from simclr_jax.data import augment, sources
+
+_MAX_EPOCHS = 2**40  # "forever"; tf.data.Dataset.range needs an end.
+
+
+def _procs(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """Explicit (process_index, process_count), defaulting to JAX's."""
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def _local_batch(global_batch: int, process_count: int, key: str) -> int:
+  """Per-process batch size; a ValueError naming `key` if it does not divide."""
+  if global_batch % process_count:
+    raise ValueError(f'config.{key}={global_batch} is not divisible by the number of '
+                     f'processes ({process_count}).')
+  return global_batch // process_count
+
+
+def num_examples(config: Any, split: str | None = None) -> int:
+  """Number of examples in `split` (default config.data.train_split) over all processes."""
+  split = config.data.train_split if split is None else split
+  return sources.load(config.data, split, process_index=0, process_count=1).num_examples_total
+
+
+def steps_per_epoch(config: Any) -> int:
+  """Train steps per epoch at the global batch config.train.batch_size (at least 1)."""
+  return max(num_examples(config) // config.train.batch_size, 1)
+
+
+def train_dataset(config: Any, *, start_step: int = 0, process_index: int | None = None,
+                  process_count: int | None = None) -> tf.data.Dataset:
+  """This process's endless stream of {'view1', 'view2', 'label'} batches from `start_step`."""
+  pi, pc = _procs(process_index, process_count)
+  batch = _local_batch(config.train.batch_size, pc, 'train.batch_size')
+  src = sources.load(config.data, config.data.train_split, process_index=pi, process_count=pc)
+  ds = src.ds.cache() if config.data.cache else src.ds
+  n = src.num_examples
+  start_epoch, skip = divmod(start_step * batch, n)
+  buffer = max(min(config.data.shuffle_buffer, n), 1)
+  seed = config.seed
+
+  def epoch(e: tf.Tensor) -> tf.data.Dataset:
+    # Fixed per-epoch order (reshuffle off, seed from (seed, e)) makes epoch e reproducible alone.
+    order_seed = tf.cast(augment.view_seed(seed, e, -1, -1)[0], tf.int64)
+    shuffled = ds.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
+    return shuffled.map(lambda ex: dict(ex, epoch=e))
+
+  stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(skip)
+  cfg = augment.view_config(config)
+
+  def two_views(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    views = {f'view{v + 1}': augment.train_view(
+        ex['image'], augment.view_seed(seed, ex['epoch'], ex['index'], v), cfg) for v in (0, 1)}
+    return dict(views, label=ex['label'])
+
+  stream = stream.map(two_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def train_iterator(config: Any, *, start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """numpy batches {'view1','view2': float32 [b,H,W,3], 'label': int32 [b]}, b = batch/processes."""
+  return train_dataset(config, start_step=start_step, process_index=process_index,
+                       process_count=process_count).as_numpy_iterator()
+
+
+def eval_dataset(config: Any, split: str, batch_size: int, *, process_index: int | None = None,
+                 process_count: int | None = None) -> tf.data.Dataset:
+  """Every example of this process's shard once, padded to the same number of batches everywhere.
+
+  `batch_size` is global. Padding rows have mask False and label -1; every process gets
+  ceil(ceil(N / processes) / local batch) batches so multi-host eval steps stay in lockstep.
+  """
+  pi, pc = _procs(process_index, process_count)
+  batch = _local_batch(batch_size, pc, 'eval batch size')
+  src = sources.load(config.data, split, process_index=pi, process_count=pc)
+  num_batches = -(-(-(-src.num_examples_total // pc)) // batch)
+  size = config.data.image_size
+  ds = src.ds.map(lambda ex: {'image': augment.eval_view(ex['image'], size),
+                              'label': ex['label'], 'mask': True},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
+                                      'label': tf.constant(-1, tf.int32), 'mask': False})
+  ds = ds.concatenate(pad.repeat()).take(num_batches * batch)
+  return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_iterator(config: Any, split: str, batch_size: int, *, process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """numpy batches {'image': float32 [b,H,W,3], 'label': int32 [b], 'mask': bool [b]} (see above)."""
+  return eval_dataset(config, split, batch_size, process_index=process_index,
+                      process_count=process_count).as_numpy_iterator()
+
+
+def device_prefetch(it: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+                    size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays sharded on "data", keeping `size` batches already transferred (in flight)."""
+  queue = collections.deque()
+  for batch in it:
+    queue.append(parallel.host_batch_to_global(batch, mesh))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
