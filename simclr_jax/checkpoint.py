@@ -41,7 +41,9 @@ def manager(workdir: str, *, save_every_steps: int, keep: int) -> ocp.Checkpoint
                                         policies.PreemptionCheckpointingPolicy()])
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=save_policy, max_to_keep=keep, create=True,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=True,
+      # Tmp dirs left by a run killed mid-save are never valid checkpoints: reclaim the space.
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

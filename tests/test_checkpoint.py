@@ -30,7 +30,9 @@ def state(mesh):
   would make a comparison blind), replicated on the 8-device mesh."""
   cfg = _config()
   tx, _ = optim.make_optimizer(cfg.optim, 64, 10, 100)
-  s = ts.init_state(simclr.from_config(cfg.model, 10), tx, jax.random.key(0), (8, 8, 3), mesh)
+  # Initialised on one device (compiles much faster than on 8), then replicated on the mesh.
+  one = parallel.make_mesh(mesh.devices.flat[:1])
+  s = ts.init_state(simclr.from_config(cfg.model, 10), tx, jax.random.key(0), (8, 8, 3), one)
   rng = np.random.default_rng(0)
 
   def randomise(x):
@@ -169,8 +171,13 @@ def test_existing_checkpoint_survives_an_aborted_save(tmp_path, state, mesh, mon
   fresh = checkpoint.manager(str(tmp_path), save_every_steps=1, keep=1)
   assert fresh.latest_step() == 7
   _assert_identical(checkpoint.restore_latest(fresh, state), expected)
-  checkpoint.close(fresh)
   assert checkpoint.restore_variables(str(tmp_path))[0] == 7
+  # The run goes on: its next save succeeds, and the leftover is reclaimed (orbax does that
+  # in the background from the manager's creation, finished before its first save).
+  assert checkpoint.save(fresh, _with_step(state, mesh, 10))
+  checkpoint.close(fresh)
+  assert not tmp_dir.exists()
+  assert checkpoint.latest_step(str(tmp_path)) == 10
 
 
 def test_config_round_trip_and_compatibility(tmp_path):
