@@ -116,6 +116,12 @@ def test_blur_lowers_high_frequencies():
   energy = lambda a: (np.diff(a[8:-8, 8:-8], axis=0)**2).mean()  # Interior: no padding effect.
   assert energy(blurred) < 0.2 * energy(x.numpy())
   np.testing.assert_allclose(blurred[8:-8, 8:-8].mean(), x.numpy()[8:-8, 8:-8].mean(), atol=0.01)
+  # numpy reference: the official 1-D kernel (side 2*(6//2)+1 = 7), zero-padded 'same' convolution.
+  t = np.arange(-3, 4)
+  k = np.exp(-t**2 / (2 * 1.5**2))
+  k /= k.sum()
+  conv = lambda a, axis: np.apply_along_axis(lambda r: np.convolve(r, k, 'same'), axis, a)
+  np.testing.assert_allclose(blurred, conv(conv(x.numpy(), 0), 1), atol=1e-5)
 
 
 @pytest.mark.parametrize('encode', ['raw', 'jpeg', 'png', 'gray_jpeg'])

@@ -139,16 +139,21 @@ def _color_jitter(image: tf.Tensor, p: dict[str, tf.Tensor]) -> tf.Tensor:
 
 
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
-  """Separable Gaussian blur of a [H, W, C] float image (as the official SimCLR, SAME padding)."""
+  """Separable Gaussian blur of a [H, W, C] float image (the official SimCLR kernel, zero padding).
+
+  Each 1-D pass is a matmul with a banded (Toeplitz) matrix: same result as the official
+  depthwise_conv2d with SAME padding, several times faster on CPU.
+  """
   radius = kernel_size // 2
-  x = tf.range(-radius, radius + 1, dtype=tf.float32)
-  k = tf.exp(-x**2 / (2.0 * sigma**2))
-  k /= tf.reduce_sum(k)
-  c = image.shape[-1]
-  k_v = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, c, 1])
-  k_h = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, c, 1])
-  out = tf.nn.depthwise_conv2d(image[None], k_h, [1, 1, 1, 1], 'SAME')
-  return tf.nn.depthwise_conv2d(out, k_v, [1, 1, 1, 1], 'SAME')[0]
+  k_sum = tf.reduce_sum(tf.exp(-tf.range(-radius, radius + 1, dtype=tf.float32)**2
+                               / (2.0 * sigma**2)))
+
+  def band(n: int) -> tf.Tensor:
+    d = tf.cast(tf.range(n)[None, :] - tf.range(n)[:, None], tf.float32)
+    return tf.where(tf.abs(d) <= radius, tf.exp(-d**2 / (2.0 * sigma**2)), 0.0) / k_sum
+
+  out = tf.einsum('ij,jwc->iwc', band(image.shape[0]), image)
+  return tf.einsum('wv,ivc->iwc', band(image.shape[1]), out)
 
 
 def apply_view(image: tf.Tensor, p: dict[str, tf.Tensor], cfg: ViewConfig) -> tf.Tensor:

@@ -1,0 +1,93 @@
+"""`python -m simclr_jax.bench input`: train-pipeline throughput (two views per example).
+
+Presets: 'cifar' reads 32x32 uint8 images from memory (the demo digits, cached; no blur, s=0.5); 'imagenet' reads ~400x350 JPEG files written to a temp folder (decode_and_crop_jpeg,
+blur, s=1.0, 224 px). Images/s counts examples delivered with both views, as the trainer sees them.
+"""
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from configs import base
+from simclr_jax.bench import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('preset', ['cifar', 'imagenet'], 'Presets to run: cifar, imagenet.')
+flags.DEFINE_string('out_dir', 'bench_results', 'Where the JSON record goes.')
+flags.DEFINE_integer('batch_size', 128, 'Per-process batch size.')
+flags.DEFINE_integer('warmup_batches', 3, 'Batches read before timing (tracing, buffers).')
+flags.DEFINE_integer('batches', 20, 'Timed batches.')
+flags.DEFINE_integer('num_files', 300, 'JPEG files for the imagenet preset.')
+
+
+def _write_jpegs(root: str, n: int) -> None:
+  """n smooth random ~400x350 JPEGs (natural-image-like size and compressibility) in 2 classes."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    d = os.path.join(root, 'train', f'class{i % 2}')
+    os.makedirs(d, exist_ok=True)
+    h, w = rng.integers(300, 400), rng.integers(350, 450)
+    low = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    noise = rng.integers(-12, 12, (h, w, 3))
+    arr = np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(os.path.join(d, f'{i}.jpg'), quality=90)
+
+
+def _config(preset: str, folder: str | None) -> Any:
+  """Base config with the preset's data and augment keys."""
+  from simclr_jax.data import augment
+  c = base.get_config()
+  c.train.batch_size = FLAGS.batch_size
+  c.augment.update(augment.PRESETS[preset])
+  if preset == 'cifar':
+    c.data.source, c.data.image_size = 'demo', 32  # In memory: the digits at 32x32.
+  else:
+    c.data.update(source='folder', folder=folder, image_size=224, cache=False,
+                  shuffle_buffer=1000)
+  return c
+
+
+def _measure(config: Any) -> dict[str, float]:
+  """Images/s of the train iterator after warm-up."""
+  from simclr_jax.data import pipeline
+  it = pipeline.train_iterator(config, process_index=0, process_count=1)
+  for _ in range(FLAGS.warmup_batches):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(FLAGS.batches):
+    next(it)
+  seconds = time.perf_counter() - start
+  rate = FLAGS.batches * FLAGS.batch_size / seconds
+  return {'images_per_s': rate, 'images_per_s_per_core': rate / os.cpu_count(),
+          'batch_ms': 1000 * seconds / FLAGS.batches}
+
+
+def _run(argv: list[str]) -> None:
+  del argv
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for preset in FLAGS.preset:
+      if preset == 'imagenet':
+        _write_jpegs(tmp, FLAGS.num_files)
+        config = _config(preset, tmp)
+        figures = _measure(config)
+      else:
+        config = _config(preset, None)
+        figures = _measure(config)
+      rows.append({'preset': preset, 'image_size': config.data.image_size,
+                   'batch': FLAGS.batch_size, 'cores': os.cpu_count(), **figures})
+  common.print_table(rows)
+  path = common.save('input', FLAGS.out_dir,
+                     {'presets': FLAGS.preset, 'batch_size': FLAGS.batch_size,
+                      'batches': FLAGS.batches, 'num_files': FLAGS.num_files}, rows)
+  print(f'saved {path}')
+
+
+def main(argv: list[str]) -> None:
+  """Entry point used by simclr_jax.bench.__main__ (argv[0] is the program name)."""
+  app.run(_run, argv=argv)
