@@ -69,7 +69,8 @@ def test_tfds_shards_are_disjoint_and_cover_split(tiny_tfds, count):
 
 def test_tfds_index_is_stable(tiny_tfds):
   cfg = _data_cfg(source='tfds', name='tiny_images', data_dir=tiny_tfds)
-  one = {int(e['index']): int(e['image'][0, 0, 0]) for e in _read(sources.load(cfg, 'test', process_index=0, process_count=1))}
+  one = {int(e['index']): int(e['image'][0, 0, 0])
+         for e in _read(sources.load(cfg, 'test', process_index=0, process_count=1))}
   two = {int(e['index']): int(e['image'][0, 0, 0]) for pi in (0, 1)
          for e in _read(sources.load(cfg, 'test', process_index=pi, process_count=2))}
   assert one == two and len(one) == 7
@@ -88,7 +89,7 @@ def test_tfds_config_errors_name_the_key(tiny_tfds, tmp_path, kw, split, key):
 
 
 def _write_folder(root, corrupt=True):
-  """train/<cat|dog>/: RGB JPEGs, gray PNG, RGBA PNG of various sizes (+ a garbage and a truncated JPEG)."""
+  """train/<cat|dog>/: RGB/gray JPEG and PNG (one RGBA), varied sizes; + garbage and a cut JPEG."""
   rng = np.random.default_rng(0)
   files = []
   for c, cls in enumerate(['cat', 'dog']):
@@ -98,7 +99,8 @@ def _write_folder(root, corrupt=True):
       h, w = rng.integers(20, 70, 2)
       mode, ext = [('RGB', 'jpg'), ('L', 'png'), ('RGBA', 'png'), ('L', 'JPEG'), ('RGB', 'jpeg')][i]
       arr = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8).squeeze()
-      Image.fromarray(arr, mode).save(d / f'{i}.{ext}', format='JPEG' if 'j' in ext.lower() else 'PNG')
+      fmt = 'JPEG' if 'j' in ext.lower() else 'PNG'
+      Image.fromarray(arr, mode).save(d / f'{i}.{ext}', format=fmt)
       files.append((cls, f'{i}.{ext}'))
     (d / 'notes.txt').write_text('not an image')
   if corrupt:

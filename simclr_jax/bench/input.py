@@ -1,7 +1,8 @@
 """`python -m simclr_jax.bench input`: train-pipeline throughput (two views per example).
 
-Presets: 'cifar' reads 32x32 uint8 images from memory (the demo digits, cached; no blur, s=0.5); 'imagenet' reads ~400x350 JPEG files written to a temp folder (decode_and_crop_jpeg,
-blur, s=1.0, 224 px). Images/s counts examples delivered with both views, as the trainer sees them.
+Presets: 'cifar' reads 32x32 uint8 images from memory (the demo digits, cached; no blur, s=0.5);
+'imagenet' reads ~400x350 JPEG files written to a temp folder (decode_and_crop_jpeg, blur,
+s=1.0, 224 px). Images/s counts examples delivered with both views, as the trainer sees them.
 """
 import os
 import tempfile

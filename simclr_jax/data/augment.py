@@ -174,7 +174,7 @@ def apply_view(image: tf.Tensor, p: dict[str, tf.Tensor], cfg: ViewConfig) -> tf
 
 
 def train_view(image: tf.Tensor, seed: tf.Tensor, cfg: ViewConfig) -> tf.Tensor:
-  """One SimCLR train view of a uint8 image or encoded JPEG/PNG bytes; a function of (image, seed)."""
+  """One SimCLR train view of a uint8 image or JPEG/PNG bytes; a function of (image, seed)."""
   return apply_view(image, sample_view_params(seed, cfg), cfg)
 
 

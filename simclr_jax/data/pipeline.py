@@ -103,7 +103,7 @@ def eval_dataset(config: Any, split: str, batch_size: int, *, process_index: int
 
 def eval_iterator(config: Any, split: str, batch_size: int, *, process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """numpy batches {'image': float32 [b,H,W,3], 'label': int32 [b], 'mask': bool [b]} (see above)."""
+  """numpy batches {'image': float32 [b,H,W,3], 'label': int32 [b], 'mask': bool [b]}."""
   return eval_dataset(config, split, batch_size, process_index=process_index,
                       process_count=process_count).as_numpy_iterator()
 
