@@ -53,15 +53,14 @@ def views_to_batch(view1: jax.Array, view2: jax.Array) -> jax.Array:
   return x.reshape(-1, *x.shape[2:])
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, learning_rate: Callable[[Any], Any],
-               temperature: float, mesh: Mesh | None) -> tuple[TrainState, Metrics]:
-  """One SimCLR step: NT-Xent on both views + the online probe; returns (new state, metrics)."""
+def compute_grads(params: Any, batch_stats: Any, batch: Batch, *, model: nn.Module,
+                  temperature: float, mesh: Mesh | None) -> tuple[Any, Metrics, Any]:
+  """Gradients of NT-Xent + probe loss; returns (grads, metrics, updated BN statistics)."""
   x = views_to_batch(batch['view1'], batch['view2'])
   labels = jnp.repeat(batch['label'], 2)
 
   def loss_fn(params):
-    out, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
+    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
                                train=True, mutable=['batch_stats'])
     z = out['z'].reshape(-1, 2, out['z'].shape[-1])
     loss, metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature, mesh)
@@ -73,7 +72,16 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     metrics['loss'] = loss
     return total, (metrics, updates['batch_stats'])
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (metrics, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+  return grads, metrics, new_batch_stats
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, learning_rate: Callable[[Any], Any],
+               temperature: float, mesh: Mesh | None) -> tuple[TrainState, Metrics]:
+  """One SimCLR step: NT-Xent on both views + the online probe; returns (new state, metrics)."""
+  grads, metrics, batch_stats = compute_grads(state.params, state.batch_stats, batch,
+                                              model=model, temperature=temperature, mesh=mesh)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.global_norm({k: v for k, v in grads.items() if k != PROBE})

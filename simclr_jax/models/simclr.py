@@ -28,7 +28,7 @@ class ProjectionHead(nn.Module):
                    kernel_init=_HEAD_INIT, dtype=self.dtype, name=f'dense{i}')(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=resnet.BN_MOMENTUM,
                        epsilon=resnet.BN_EPSILON, use_bias=not last, dtype=self.dtype,
-                       name=f'bn{i}')(x)
+                       use_fast_variance=False, name=f'bn{i}')(x)
       if not last:
         x = nn.relu(x)
     return x.astype(jnp.float32)
