@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.base_lr = 1.0
   c.optim.lr_scaling = 'linear'  # 'linear': base_lr*B/256 | 'sqrt': base_lr*sqrt(B)
   c.optim.warmup_epochs = 10.0
-  c.optim.weight_decay = 1e-4
+  c.optim.weight_decay = 1e-6  # official SimCLR README, CIFAR-10 and ImageNet alike
   c.optim.momentum = 0.9
   c.optim.trust_coefficient = 1e-3
   c.optim.probe_lr = 0.1  # peak lr of the online probe's momentum SGD (same warm-up/cosine shape)

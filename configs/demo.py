@@ -23,7 +23,6 @@ def get_config():
   c.model.cifar_stem = True
   c.loss.temperature = 0.5
   c.optim.base_lr = 1.0
-  c.optim.weight_decay = 1e-4
   c.optim.warmup_epochs = 2.0
   c.train.batch_size = 128
   c.train.epochs = 30.0
