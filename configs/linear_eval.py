@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe.nesterov = True
   c.probe.weight_decay = 0.0
   c.probe.crop_area = (0.08, 1.0)  # random-resized-crop area range of the augmented path
+  c.probe.flip = True  # random horizontal flip in the augmented path
 
   # --- kNN (InstDisc-style weighted vote on L2-normalised features) --------------------------
   c.knn = ml_collections.ConfigDict()

@@ -108,6 +108,46 @@ def eval_iterator(config: Any, split: str, batch_size: int, *, process_index: in
                       process_count=process_count).as_numpy_iterator()
 
 
+def probe_train_dataset(config: Any, batch_size: int, *, epoch: int,
+                        crop_area: tuple[float, float] = (0.08, 1.0), flip: bool = True,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> tf.data.Dataset:
+  """Every train example once as a random-resized-crop (+ flip) view, padded like `eval_dataset`.
+
+  The linear-probe view of the official SimCLR evaluation (no colour distortion, no blur); the
+  view of example i in epoch e is seeded by (config.seed, e, i), so an epoch is reproducible.
+  """
+  pi, pc = _procs(process_index, process_count)
+  batch = _local_batch(batch_size, pc, 'probe.batch_size')
+  src = sources.load(config.data, config.data.train_split, process_index=pi, process_count=pc)
+  num_batches = -(-(-(-src.num_examples_total // pc)) // batch)
+  size = config.data.image_size
+  # Jitter and grayscale probabilities of 0 switch those ops off: crop + flip only.
+  cfg = augment.ViewConfig(size=size, crop_area=tuple(crop_area), flip=flip, jitter_prob=0.0,
+                           grayscale_prob=0.0, blur=False)
+  seed = config.seed
+
+  def view(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = augment.train_view(ex['image'], augment.view_seed(seed, epoch, ex['index'], 0), cfg)
+    return {'image': image, 'label': ex['label'], 'mask': True}
+
+  ds = src.ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
+                                      'label': tf.constant(-1, tf.int32), 'mask': False})
+  ds = ds.concatenate(pad.repeat()).take(num_batches * batch)
+  return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def probe_train_iterator(config: Any, batch_size: int, *, epoch: int,
+                         crop_area: tuple[float, float] = (0.08, 1.0), flip: bool = True,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """numpy batches {'image', 'label', 'mask'} of `probe_train_dataset` (augmented probe path)."""
+  return probe_train_dataset(config, batch_size, epoch=epoch, crop_area=crop_area, flip=flip,
+                             process_index=process_index,
+                             process_count=process_count).as_numpy_iterator()
+
+
 def device_prefetch(it: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
   """Global arrays sharded on "data", keeping `size` batches already transferred (in flight)."""
