@@ -1,0 +1,130 @@
+"""`python -m simclr_jax.bench step`: the jitted pretraining step alone, on synthetic views.
+
+Median step time over repeated runs after warm-up (block_until_ready on each), images/s overall
+and per device, FLOPs per step from XLA's cost analysis, achieved FLOP/s and utilisation
+against the device's peak (on CPU: a dense float32 matmul measured in the same run), compile
+time and, where the backend reports it, peak device memory.
+"""
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from simclr_jax import optim, parallel
+from simclr_jax import train_step as ts
+from simclr_jax.bench import common
+from simclr_jax.models import simclr
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Recipe to benchmark.',
+                                          lock_config=True)
+_BATCH = flags.DEFINE_integer('batch', None, 'Global batch (default: the recipe\'s).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_OUT = flags.DEFINE_string('out_dir', 'bench_results', 'Where the JSON goes.')
+
+# Published dense peaks per chip (FLOP/s), for utilisation on accelerators.
+PEAK_FLOPS = {
+    ('gpu', 'H100', 'bfloat16'): 989e12, ('gpu', 'H100', 'float32'): 67e12,
+    ('gpu', 'H200', 'bfloat16'): 989e12, ('gpu', 'H200', 'float32'): 67e12,
+    ('gpu', 'A100', 'bfloat16'): 312e12, ('gpu', 'A100', 'float32'): 19.5e12,
+    ('tpu', 'v4', 'bfloat16'): 275e12, ('tpu', 'v5e', 'bfloat16'): 197e12,
+    ('tpu', 'v5p', 'bfloat16'): 459e12,
+}
+
+
+def measured_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+  """FLOP/s of a float32 n×n matmul on one device: the CPU's practical dense peak."""
+  a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / min(times)
+
+
+def peak_flops(dtype: str) -> tuple[float | None, str]:
+  """(peak FLOP/s of all devices, where the figure comes from)."""
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    # Emulated devices share the same cores, so one measured peak covers them all.
+    return measured_matmul_peak(), 'measured f32 matmul, same run'
+  for (platform, kind, dt), value in PEAK_FLOPS.items():
+    if dev.platform == platform and kind.lower() in dev.device_kind.lower() and dt == dtype:
+      return value * jax.device_count(), f'published {kind} {dt} peak'
+  return None, 'unknown device'
+
+
+def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
+  """Compiles and times the step; returns the figures as a flat dict."""
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch, mesh)
+  size = config.data.image_size
+  model = simclr.from_config(config.model, config.data.num_classes)
+  tx, lr = optim.make_optimizer(config.optim, batch, 100, 10_000)
+  state = ts.init_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+  rng = np.random.default_rng(0)
+  views = {'view1': rng.random((batch, size, size, 3), np.float32),
+           'view2': rng.random((batch, size, size, 3), np.float32),
+           'label': rng.integers(0, max(config.data.num_classes, 1), batch).astype(np.int32)}
+  views = parallel.host_batch_to_global(views, mesh)
+  step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh)
+
+  t = time.perf_counter()
+  compiled = step.lower(state, views).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  for _ in range(warmup):
+    state, metrics = compiled(state, views)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, views)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  # cost_analysis counts one device's program; the step runs on every device.
+  total_flops = flops * jax.device_count()
+  peak, peak_source = peak_flops(config.model.dtype)
+  memory = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+    memory = stats.get('peak_bytes_in_use') if stats else None
+  except Exception:  # pylint: disable=broad-except  # backends without memory stats
+    pass
+  return {
+      'depth': config.model.depth, 'width': config.model.width, 'image_size': size,
+      'dtype': config.model.dtype, 'global_batch': batch, 'devices': jax.device_count(),
+      'compile_s': compile_s, 'step_s_median': median, 'step_s_min': min(times),
+      'images_per_s': batch / median, 'images_per_s_per_device': batch / median /
+      jax.device_count(), 'gflops_per_step': total_flops / 1e9,
+      'achieved_gflops_per_s': total_flops / median / 1e9,
+      'peak_gflops_per_s': peak / 1e9 if peak else None, 'peak_source': peak_source,
+      'utilisation': total_flops / median / peak if peak else None,
+      'peak_memory_bytes': memory, 'final_loss': float(metrics['loss']),
+  }
+
+
+def _run(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  batch = _BATCH.value or config.train.batch_size
+  figures = benchmark(config, batch, _STEPS.value, _WARMUP.value)
+  common.print_table([{k: v for k, v in figures.items() if k not in ('peak_source',)}])
+  path = common.save('step', _OUT.value, {'config': config.to_dict(), 'batch': batch,
+                                           'steps': _STEPS.value}, figures)
+  print(f'saved {path}')
+
+
+def main(argv: list[str]) -> None:
+  """Entry point used by simclr_jax.bench.__main__ (argv[0] is the program name)."""
+  app.run(_run, argv=argv)
