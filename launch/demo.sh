@@ -9,5 +9,5 @@ bash launch/setup.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 .venv/bin/python -m simclr_jax.main --config=configs/demo.py --workdir="$WORKDIR" "$@"
 .venv/bin/python -m simclr_jax.main --config=configs/linear_eval.py \
-  --config.pretrain_workdir="$WORKDIR" --workdir="$WORKDIR/eval"
+  --config.pretrain_workdir="$WORKDIR" --workdir="$WORKDIR/eval" --config.baseline=True
 echo "results: $WORKDIR/eval/results.json"

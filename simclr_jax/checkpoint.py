@@ -28,8 +28,9 @@ _INCOMPATIBLE_KEYS = ('train.batch_size', 'data.image_size', 'data.num_classes')
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  """WORKDIR/checkpoints."""
-  return epath.Path(workdir) / CHECKPOINT_DIR
+  """WORKDIR/checkpoints, made absolute (orbax refuses relative paths; gs:// ones already are)."""
+  workdir = str(workdir)
+  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / CHECKPOINT_DIR
 
 
 def manager(workdir: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:

@@ -216,3 +216,9 @@ def test_ensure_writable(tmp_path):
   (tmp_path / 'a_file').write_text('x')
   with pytest.raises(PermissionError, match='--workdir='):
     checkpoint.ensure_writable(str(tmp_path / 'a_file' / 'sub'))
+
+
+def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert checkpoint.checkpoint_dir('runs/a') == tmp_path / 'runs' / 'a' / 'checkpoints'
+  assert str(checkpoint.checkpoint_dir('gs://bucket/run')) == 'gs://bucket/run/checkpoints'
