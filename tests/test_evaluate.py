@@ -14,6 +14,7 @@ from configs import base, linear_eval
 from simclr_jax import checkpoint, evaluate, optim, parallel
 from simclr_jax import logging as metric_logging
 from simclr_jax import train_step as ts
+from simclr_jax.data import pipeline
 from simclr_jax.models import simclr
 
 DEMO_TRAIN, DEMO_TEST = 1797 - 360, 360
@@ -81,7 +82,7 @@ def _eval_config(pretrain_workdir, **probe):
   c = linear_eval.get_config()
   c.pretrain_workdir = pretrain_workdir
   c.eval_batch_size = 64  # 360 = 5 * 64 + 40: the last test batch is padded
-  c.probe.epochs = 8
+  c.probe.epochs = 5
   c.probe.batch_size = 128
   c.probe.learning_rate = 0.5
   c.knn.k = 20
@@ -165,6 +166,23 @@ def test_augmented_probe_with_crop_and_flip_is_close_to_cached(cached_results, p
   assert abs(augmented['top1'] - results['top1']) < 0.3
   # kNN uses the un-augmented features on both paths: identical.
   assert augmented['knn_top1'] == results['knn_top1']
+
+
+def test_probe_train_views_cover_every_example_once_and_change_per_epoch():
+  cfg = _pretrain_config()
+
+  def epoch(e):
+    batches = list(pipeline.probe_train_iterator(cfg, 64, epoch=e, crop_area=(0.3, 1.0)))
+    return {k: np.concatenate([b[k] for b in batches]) for k in ('image', 'label', 'mask')}
+
+  first, again, second = epoch(0), epoch(0), epoch(1)
+  eval_labels = np.concatenate([b['label'][b['mask']]
+                                for b in pipeline.eval_iterator(cfg, 'train', 64)])
+  assert first['mask'].sum() == DEMO_TRAIN  # 1437 = 22 * 64 + 29: the last batch is padded
+  np.testing.assert_array_equal(first['label'][first['mask']], eval_labels)
+  np.testing.assert_array_equal(first['image'], again['image'])  # an epoch is reproducible
+  assert not np.allclose(first['image'], second['image'])  # and the next one is new views
+  assert first['image'].min() >= 0.0 and first['image'].max() <= 1.0
 
 
 # --- errors ----------------------------------------------------------------------------------
