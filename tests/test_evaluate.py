@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base, linear_eval
-from simclr_jax import checkpoint, evaluate, optim, parallel
+from simclr_jax import checkpoint, eval_lib, evaluate, optim, parallel
 from simclr_jax import logging as metric_logging
 from simclr_jax import train_step as ts
 from simclr_jax.data import pipeline
@@ -221,5 +221,34 @@ def test_data_without_labels(pretrain, tmp_path):
 
 
 def test_unlabelled_split_is_rejected():
+  check_labels = evaluate._check_labels  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="split 'train' has no labels"):
-    evaluate._check_labels(np.full((5,), -1, np.int32), 10, 'train')  # pylint: disable=protected-access
+    check_labels(np.full((5,), -1, np.int32), 10, 'train')
+
+
+@pytest.mark.parametrize('key,value', [('feature', 'pooled'), ('probe.mode', 'online'),
+                                       ('probe.epochs', 0), ('eval_batch_size', 0)])
+def test_bad_config_values_name_the_key(key, value, tmp_path):
+  config = _eval_config(str(tmp_path))
+  if '.' in key:
+    config[key.split('.')[0]][key.split('.')[1]] = value
+  else:
+    config[key] = value
+  with pytest.raises(ValueError, match=f'config.{key}='):
+    evaluate.check_config(config)
+
+
+def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
+  _, model, _, variables = evaluate.restore_encoder(pretrain[0], -1, mesh)
+  feats, labels = eval_lib.extract_features(
+      evaluate.make_feature_fn(model, mesh, 'h'), variables,
+      pipeline.eval_iterator(_pretrain_config(), 'test', 64), mesh)
+  assert feats.shape == (DEMO_TEST, 32) and labels.shape == (DEMO_TEST,)
+  # Independent check: the first test batch through the model with the saved numpy variables.
+  images = next(pipeline.eval_iterator(_pretrain_config(), 'test', 64))['image']
+  with jax.default_device(jax.devices()[0]):
+    expected = jax.jit(lambda v, x: model.apply(v, x, train=False)['h'])(pretrain[1], images)
+  np.testing.assert_allclose(feats[:64], expected, rtol=1e-4, atol=1e-4)
+  # The projection output as feature: traced only (its compile would cost seconds).
+  z = jax.eval_shape(evaluate.make_feature_fn(model, mesh, 'z'), variables, images)
+  assert z.shape == (64, 128)
