@@ -85,6 +85,7 @@ def build_model(pretrain_config: ml_collections.ConfigDict) -> simclr.SimCLR:
 
 
 def _input_shape(pretrain_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """[H, W, C] of the model input (init only; the encoder pools, so any size runs)."""
   size = pretrain_config.data.image_size
   return (size, size, 3)
 
@@ -111,7 +112,10 @@ def random_encoder(model: simclr.SimCLR, pretrain_config: ml_collections.ConfigD
   # than with threefry (seconds instead of half a minute for a ResNet-18).
   init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *_input_shape(pretrain_config))),
                                         train=False))
-  return parallel.replicate(init(jax.random.key(seed, impl='rbg')), mesh)
+  variables = init(jax.random.key(seed, impl='rbg'))
+  # Via host numpy, as the restored variables: a committed single-device array cannot be
+  # placed on a multi-process mesh, and every process computes the same seeded values.
+  return parallel.replicate(jax.tree.map(np.asarray, variables), mesh)
 
 
 # --- features ----------------------------------------------------------------------------------
