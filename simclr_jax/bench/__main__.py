@@ -1,8 +1,8 @@
-"""`python -m simclr_jax.bench <step|input|...> [flags]`: runs one benchmark sub-command."""
+"""`python -m simclr_jax.bench <step|input|loss|end_to_end> [flags]`: runs one benchmark sub-command."""
 import importlib
 import sys
 
-SUBCOMMANDS = ('step', 'input')
+SUBCOMMANDS = ('step', 'input', 'loss', 'end_to_end')
 
 
 def main(argv: list[str]) -> None:

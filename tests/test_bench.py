@@ -1,0 +1,148 @@
+"""Benchmark sub-commands: each writes its JSON record with the expected keys.
+
+Every benchmark runs in a subprocess: the sub-commands define absl flags (`--config`,
+`--out_dir`, ...) that would clash with each other and with `simclr_jax.main` in one process.
+`loss` and `input` run for real at tiny sizes. `step` and `end_to_end` compile a ResNet-18 train
+step (twice for end_to_end), which takes minutes on a loaded 2-core CPU, so their real runs are
+opt-in (SIMCLR_BENCH_SLOW=1); by default end_to_end runs its real CLI with the pretraining run
+and the step benchmark replaced by fakes, which checks its arithmetic and record.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOW = os.environ.get('SIMCLR_BENCH_SLOW') == '1'
+RECORD_KEYS = {'benchmark', 'config', 'environment', 'figures'}
+# A demo-sized recipe made tinier: ResNet-18 at width 1/16 on 8x8 digits.
+TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8']
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  return env
+
+
+def _run(args: list[str], out_dir: str, timeout: int = 300) -> dict:
+  """Runs a command in the repo root; returns the single JSON record it wrote to out_dir."""
+  proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  paths = glob.glob(os.path.join(out_dir, '*.json'))
+  assert len(paths) == 1, (paths, proc.stdout[-2000:])
+  with open(paths[0]) as f:
+    record = json.load(f)
+  assert RECORD_KEYS <= set(record)
+  return record
+
+
+def _bench(name: str, flags: list[str], out_dir: str, timeout: int = 300) -> dict:
+  record = _run([sys.executable, '-m', 'simclr_jax.bench', name, f'--out_dir={out_dir}', *flags],
+                out_dir, timeout)
+  assert record['benchmark'] == name
+  return record
+
+
+def test_loss_memory_grows_with_local_times_global_rows(tmp_path):
+  sizes, dim = [64, 128, 256], 16
+  # max_time ~0: the first size is timed, the later ones get memory only (predicted too slow).
+  record = _bench('loss', [f'--sizes={",".join(map(str, sizes))}', f'--dim={dim}',
+                           '--devices=8', '--steps=2', '--warmup=1', '--max_time=1e-9'],
+                  str(tmp_path))
+  rows = record['figures']
+  assert record['environment']['device_count'] == 8
+  assert [r['global_batch'] for r in rows] == sizes
+  for n, r in zip(sizes, rows):
+    n_local = n // 8
+    assert r['local_rows'] == 2 * n_local and r['global_rows'] == 2 * n
+    assert r['logits_bytes_per_device'] == (2 * n_local) * (2 * n) * 4
+    # The compiled program is one device's: its arguments are its shards of z1 and z2.
+    assert r['argument_bytes_per_device'] == 2 * n_local * dim * 4
+    # Temp holds at least this device's [2n_local, 2N] logits, not the [2N, 2N] matrix.
+    assert r['logits_bytes_per_device'] <= r['temp_bytes_per_device']
+    assert r['temp_bytes_per_device'] < (2 * n) ** 2 * 4
+  temps = [r['temp_bytes_per_device'] for r in rows]
+  assert temps == sorted(temps) and temps[0] < temps[-1], temps
+  assert rows[0]['time_s_median'] > 0 and rows[0]['timing'].startswith('median')
+  for r in rows[1:]:
+    assert r['time_s_median'] is None and r['timing'].startswith('skipped'), r
+
+
+def test_input_cifar_preset(tmp_path):
+  record = _bench('input', ['--preset=cifar', '--batch_size=16', '--warmup_batches=1',
+                            '--batches=2'], str(tmp_path))
+  (row,) = record['figures']
+  assert row['preset'] == 'cifar' and row['batch'] == 16
+  assert row['images_per_s'] > 0 and row['batch_ms'] > 0
+
+
+_FAKE_END_TO_END = textwrap.dedent('''
+    import sys
+    from simclr_jax import logging as metric_logging
+    from simclr_jax.bench import end_to_end
+
+    def fake_run(config, workdir):
+      # Logged every 4 steps: the first interval (compilation) is slow, then 0.5 s and 0.25 s.
+      writer = metric_logging.MetricWriter(workdir, enabled=True)
+      for step, step_time in ((4, 10.0), (8, 0.5), (12, 0.25)):
+        writer.write(step, {'loss': 1.0, 'step_time': step_time,
+                            'images_per_sec': config.train.batch_size / step_time})
+      writer.close()
+      assert config.train.steps == 12 and config.train.log_every_steps == 4
+      return {'loss': 1.0}
+
+    def fake_step(config, batch, steps, warmup):
+      return {'images_per_s': 100.0, 'step_s_median': batch / 100.0, 'devices': 8}
+
+    end_to_end.pretrain.run = fake_run
+    end_to_end.step.benchmark = fake_step
+    end_to_end.main(sys.argv)
+''')
+
+
+def test_end_to_end_excludes_first_interval(tmp_path):
+  record = _run([sys.executable, '-c', _FAKE_END_TO_END, f'--out_dir={tmp_path}', '--steps=12',
+                 '--log_every=4', '--batch=32'], str(tmp_path), timeout=120)
+  figures = record['figures']
+  # 8 steady steps in 4*0.5 + 4*0.25 = 3 s of 32 images each; step alone: 100 images/s.
+  assert figures['end_to_end_images_per_s'] == pytest.approx(8 * 32 / 3.0)
+  assert figures['ratio_end_to_end_over_step'] == pytest.approx(8 * 32 / 3.0 / 100.0)
+  assert figures['end_to_end_steady_steps'] == 8
+  assert record['config']['config']['data']['source'] == 'demo'  # the default recipe
+
+
+def test_end_to_end_refuses_a_single_log_interval(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'simclr_jax.bench', 'end_to_end', '--steps=4',
+                         '--log_every=4', f'--out_dir={tmp_path}'], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'two log intervals' in proc.stderr + proc.stdout
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(not SLOW, reason='compiles a ResNet-18 step (minutes on a loaded 2-core '
+                    'CPU); set SIMCLR_BENCH_SLOW=1')
+def test_step_real(tmp_path):
+  record = _bench('step', TINY + ['--batch=32', '--steps=2', '--warmup=1'], str(tmp_path))
+  figures = record['figures']
+  assert figures['global_batch'] == 32 and figures['devices'] == 8
+  assert figures['step_s_median'] > 0 and figures['gflops_per_step'] > 0
+
+
+@pytest.mark.skipif(not SLOW, reason='a real pretraining run plus the step benchmark (minutes on '
+                    'a loaded 2-core CPU); set SIMCLR_BENCH_SLOW=1')
+def test_end_to_end_real(tmp_path):
+  record = _bench('end_to_end', TINY + ['--batch=32', '--steps=6', '--log_every=2',
+                                        '--warmup=1'], str(tmp_path), timeout=600)
+  figures = record['figures']
+  assert [r['step'] for r in figures['metrics_rows']] == [2, 4, 6]
+  assert figures['end_to_end_steady_steps'] == 4
+  assert figures['end_to_end_images_per_s'] > 0 and figures['step_images_per_s'] > 0
+  assert figures['ratio_end_to_end_over_step'] == pytest.approx(
+      figures['end_to_end_images_per_s'] / figures['step_images_per_s'])
