@@ -18,7 +18,11 @@ die() { echo "error: $*" >&2; exit 2; }
 
 [ $# -ge 1 ] || usage 2
 CMD="$1"; shift
-case "$CMD" in create|setup|run|logs|delete) ;; -h|--help) usage 0 ;; *) die "unknown sub-command '$CMD' (create|setup|run|logs|delete)" ;; esac
+case "$CMD" in
+  create|setup|run|logs|delete) ;;
+  -h|--help) usage 0 ;;
+  *) die "unknown sub-command '$CMD' (create|setup|run|logs|delete)" ;;
+esac
 
 PROJECT="${PROJECT:-}"; ZONE="${ZONE:-}"; BUCKET="${BUCKET:-}"
 TPU_NAME="${TPU_NAME:-simclr-tpu}"; ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
@@ -86,7 +90,10 @@ case "$CMD" in
     TARBALL="${TMPDIR:-/tmp}/simclr_jax.tgz"
     run git archive --format=tar.gz -o "$TARBALL" HEAD
     run gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME":simclr_jax.tgz --worker=all "${LOC[@]}"
-    run "${SSH[@]}" --worker=all --command="rm -rf ~/simclr_jax && mkdir -p ~/simclr_jax && tar xzf ~/simclr_jax.tgz -C ~/simclr_jax && cd ~/simclr_jax && bash launch/setup.sh && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]>=0.9,<0.11'"
+    remote="rm -rf ~/simclr_jax && mkdir -p ~/simclr_jax && tar xzf ~/simclr_jax.tgz -C ~/simclr_jax"
+    remote+=" && cd ~/simclr_jax && bash launch/setup.sh"
+    remote+=" && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]>=0.9,<0.11'"
+    run "${SSH[@]}" --worker=all --command="$remote"
     ;;
   run)
     [ -n "$BUCKET" ] || die "no bucket: pass --bucket=... or set BUCKET (workdir and TFDS data live on GCS)."

@@ -24,7 +24,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py recipe.',
                                           lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', 'cpu:8', 'cpu[:N], v4-32, v5p-64, v5e-16, v4:2x2x4, ...')
+_TOPOLOGY = flags.DEFINE_string('topology', 'cpu:8',
+                                'cpu[:N], v4-32, v5p-64, v5e-16, v6e-64, v4:2x2x4, ...')
 _OUT = flags.DEFINE_string('out', None, 'JSON output path (default: bench_results/'
                            'compile_<recipe>_<topology>.json).')
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
@@ -101,7 +102,8 @@ def topology_devices(name: str) -> tuple[list[Any], int | None]:
 def compile_step(config: Any, devices: list[Any], steps_per_epoch: int = 312) -> dict[str, Any]:
   """Lowers and compiles the recipe's train step for `devices`; returns the figures."""
   import jax  # pylint: disable=g-import-not-at-top
-  from simclr_jax import optim, parallel, pretrain, train_step  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from simclr_jax import optim, parallel, pretrain, train_step
   from simclr_jax.models import simclr  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
   batch_size, size = config.train.batch_size, config.data.image_size

@@ -1,8 +1,11 @@
 """launch/ scripts: syntax, --dry-run command lines, clear errors for missing settings."""
 import glob
+import importlib.util
+import json
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +129,71 @@ def test_slurm_sbatch_dry_run_reads_env():
 def test_slurm_missing_settings_stop_with_a_message(script, args, message):
   code, out, err = _run(script, *args)
   assert code != 0 and message in err and 'srun' not in out, (out, err)
+
+
+# --- compile check (python -m simclr_jax.compile_check) ----------------------------------------
+TINY_MODEL = ['--config=configs/demo.py', '--config.model.width=0.0625',
+              '--config.data.image_size=8', '--config.train.batch_size=32']
+
+
+def _compile_check(tmp_path, topology):
+  out = tmp_path / 'figures.json'
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
+  env.pop('XLA_FLAGS', None)  # the CLI sets the CPU device count itself
+  env.pop('JAX_PLATFORMS', None)
+  proc = subprocess.run([sys.executable, '-m', 'simclr_jax.compile_check', *TINY_MODEL,
+                         f'--topology={topology}', f'--out={out}'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  return proc, out
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('cpu:8', ('cpu', 8, None)), ('cpu', ('cpu', 0, None)),
+    ('v4-32', ('v4', '2x2x4', 32 * 2**30)), ('v4-8', ('v4', '2x2x1', 32 * 2**30)),
+    ('v5p-128', ('v5p', '4x4x4', 95 * 2**30)), ('v5litepod-16', ('v5e', '4x4', 16 * 2**30)),
+    ('v6e-256', ('v6e', '16x16', 32 * 2**30)), ('v4:2x2x4', ('v4', '2x2x4', 32 * 2**30)),
+])
+def test_compile_check_topology_names(name, expected):
+  from simclr_jax import compile_check  # pylint: disable=g-import-not-at-top
+  assert compile_check.parse_topology(name) == expected
+
+
+@pytest.mark.parametrize('name', ['v4-12', 'v3-8', 'gpu:8'])
+def test_compile_check_unknown_topology_is_an_error(name):
+  from simclr_jax import compile_check  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='--topology'):
+    compile_check.parse_topology(name)
+
+
+def _check_figures(out, devices, kind):
+  figures = json.load(open(out))
+  assert figures['devices'] == devices and figures['device_kind'] == kind
+  assert figures['global_batch'] == 32 and figures['per_device_batch'] == 32 // devices
+  mem = figures['memory_per_device_bytes']
+  assert mem['argument'] >= 4 * figures['params'] > 0  # float32 parameters, at least
+  assert mem['total'] >= mem['argument'] and mem['temp'] > 0
+  assert figures['flops_per_step'] == pytest.approx(figures['flops_per_device'] * devices)
+  assert figures['flops_per_device'] > 0
+  return figures
+
+
+def test_compile_check_cpu(tmp_path):
+  proc, out = _compile_check(tmp_path, 'cpu:8')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'memory per device: arguments' in proc.stdout and 'FLOPs per step' in proc.stdout
+  _check_figures(out, 8, 'cpu')
+
+
+def test_compile_check_tpu_v4_8(tmp_path):
+  if importlib.util.find_spec('libtpu') is None:
+    proc, out = _compile_check(tmp_path, 'v4-8')
+    assert proc.returncode != 0 and 'skipped: --topology=v4-8 needs libtpu' in proc.stderr
+    assert not out.exists()
+    pytest.skip("libtpu is not installed (684 MB wheel; pip install 'jax[tpu]'): the TPU "
+                'compile check cannot run here; it stops with a clear message instead')
+  proc, out = _compile_check(tmp_path, 'v4-8')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  figures = _check_figures(out, 4, 'TPU v4')
+  assert figures['hbm_per_device_bytes'] == 32 * 2**30
+  assert 'of 32.00 GiB HBM' in proc.stdout
