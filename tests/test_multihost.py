@@ -1,0 +1,248 @@
+"""Multi-host path on one machine: two CPU processes (4 devices each, gloo collectives) vs one.
+
+With two processes each reads its own shard of the data (sources.load with process_index/count)
+and shuffles it on its own, so a 2-process global batch is [process 0's local batch, process
+1's local batch]: the same *distribution* as a 1-process run, not the same rows. The exact
+comparison is therefore against an in-process 8-device run fed those same global batches
+(train_iterator for both process indices, concatenated), which is what the two processes must
+compute. Checkpoints move between the two layouts in both directions.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from simclr_jax import checkpoint, optim, parallel, train_step
+from simclr_jax import logging as metric_logging
+from simclr_jax.data import pipeline, sources
+from simclr_jax.models import simclr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8',
+        '--config.train.batch_size=32', f'--config.train.steps={STEPS}',
+        '--config.train.log_every_steps=2', '--config.train.checkpoint_every_steps=2',
+        '--config.train.keep_checkpoints=10', '--config.optim.warmup_epochs=0.5']
+# Different device layouts reduce in different orders (gloo across processes): close, not equal.
+RTOL, ATOL = 1e-3, 1e-5
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(cache, devices):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return env
+
+
+def _cmd(workdir, extra):
+  return [sys.executable, '-m', 'simclr_jax.main', f'--workdir={workdir}', *TINY, *extra]
+
+
+def _run_two(workdir, extra=()):
+  """Both processes of a 2-process job; returns their outputs (asserting both exit 0).
+
+  No persistent compilation cache: JAX writes entries from process 0 only, so process 1 would
+  recompile what process 0 loads, fall behind, and a gloo collective's rendezvous (30 s, fixed
+  in jaxlib) would time out.
+  """
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(workdir, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                     f'--process_id={i}', *extra]),
+      cwd=ROOT, env=_env(None, 4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=900)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _run_one(workdir, cache, extra=()):
+  proc = subprocess.run(_cmd(workdir, extra), cwd=ROOT, env=_env(cache, 8), timeout=900,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  return proc.stdout
+
+
+def _copy_up_to(src, dst, step):
+  """A copy of workdir `src` whose checkpoints stop at `step` (later ones removed)."""
+  shutil.copytree(src, dst)
+  for s in os.listdir(os.path.join(dst, 'checkpoints')):
+    if s.isdigit() and int(s) > step:
+      shutil.rmtree(os.path.join(dst, 'checkpoints', s))
+  assert checkpoint.latest_step(str(dst)) == step
+
+
+def _config():
+  sys.path.insert(0, ROOT)
+  flags = dict(a.removeprefix('--config.').split('=') for a in TINY[1:])
+  config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      'cfg', os.path.join(ROOT, 'configs', 'demo.py')).get_config()
+  for key, value in flags.items():
+    *path, leaf = key.split('.')
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = type(node[leaf])(float(value) if isinstance(node[leaf], float) else int(value))
+  return config
+
+
+class _Reference:
+  """The pretraining job's state and step, in this (8-device) process, fed chosen batches."""
+
+  def __init__(self, devices):
+    self.config = c = _config()
+    self.mesh = parallel.make_mesh(devices)
+    self.model = simclr.from_config(c.model, c.data.num_classes)
+    steps_per_epoch = pipeline.steps_per_epoch(c)
+    self.tx, lr = optim.make_optimizer(c.optim, c.train.batch_size, steps_per_epoch, STEPS)
+    self.step_fn = train_step.make_train_step(self.model, self.tx, lr, c.loss.temperature,
+                                              self.mesh)
+
+  def init(self):
+    size = self.config.data.image_size
+    return train_step.init_state(self.model, self.tx, jax.random.key(self.config.seed),
+                                 (size, size, 3), self.mesh)
+
+  def restore(self, workdir, step):
+    mgr = checkpoint.manager(str(workdir), save_every_steps=1000, keep=100)
+    try:
+      return checkpoint.restore(mgr, step, self.init())
+    finally:
+      checkpoint.close(mgr)
+
+  def train(self, state, start, end, process_count):
+    """Steps start+1..end on the global batches a `process_count`-process job assembles."""
+    its = [pipeline.train_iterator(self.config, start_step=start, process_index=i,
+                                   process_count=process_count) for i in range(process_count)]
+    losses = {}
+    for step in range(start + 1, end + 1):
+      parts = [next(it) for it in its]  # process 0's rows first: its devices come first
+      batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+      state, metrics = self.step_fn(state, parallel.host_batch_to_global(batch, self.mesh))
+      losses[step] = float(metrics['loss'])
+    return state, losses
+
+
+def _assert_params_close(workdir, state):
+  step, saved = checkpoint.restore_variables(str(workdir))
+  assert step == int(state.step)
+  expected = {'params': state.params, 'batch_stats': state.batch_stats}
+  assert jax.tree.structure(saved) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache_multihost')
+
+
+@pytest.fixture(scope='module')
+def reference(devices):
+  return _Reference(devices)
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('two')
+  return workdir, _run_two(workdir)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(two_process_run, reference):
+  workdir, (out0, out1) = two_process_run
+  for i, out in enumerate((out0, out1)):
+    assert f'JAX process {i} of 2: 4 local devices, 8 global devices (cpu)' in out, out[-2000:]
+  # Only process 0 logs progress and writes metrics; each logged step appears once.
+  assert f'step {STEPS}/{STEPS}' in out0 and 'Done:' in out0
+  assert f'step {STEPS}/{STEPS}' not in out1 and 'Done:' not in out1
+  rows = metric_logging.read_metrics(str(workdir))
+  assert [r['step'] for r in rows] == [2, 4]
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [2, 4]
+
+  state, losses = reference.train(reference.init(), 0, STEPS, process_count=2)
+  np.testing.assert_allclose([r['loss'] for r in rows], [losses[2], losses[4]], rtol=RTOL)
+  _assert_params_close(workdir, state)
+
+
+@pytest.fixture(scope='module')
+def resumed_in_one_process(two_process_run, tmp_path_factory, cache):
+  """Two-process checkpoint at step 2 → one 8-device process to the end, saving every step."""
+  src, _ = two_process_run
+  workdir = tmp_path_factory.mktemp('two_then_one') / 'w'
+  _copy_up_to(src, workdir, 2)
+  out = _run_one(workdir, cache, ['--config.train.checkpoint_every_steps=1'])
+  return workdir, out
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run, resumed_in_one_process,
+                                                       reference):
+  src, _ = two_process_run
+  workdir, out = resumed_in_one_process
+  assert 'Resuming from the checkpoint at step 2 of 4' in out, out[-2000:]
+  assert 'JAX process 0 of 1: 8 local devices, 8 global devices' in out
+  state, _ = reference.train(reference.restore(src, 2), 2, STEPS, process_count=1)
+  _assert_params_close(workdir, state)
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(resumed_in_one_process, reference,
+                                                         tmp_path):
+  src, _ = resumed_in_one_process  # its step 3 was written by the one-process run
+  workdir = tmp_path / 'w'
+  _copy_up_to(src, workdir, 3)
+  out0, _ = _run_two(workdir)
+  assert 'Resuming from the checkpoint at step 3 of 4' in out0, out0[-2000:]
+  state, _ = reference.train(reference.restore(src, 3), 3, STEPS, process_count=2)
+  _assert_params_close(workdir, state)
+
+
+def _indices(source):
+  return [int(ex['index']) for ex in source.ds.as_numpy_iterator()]
+
+
+@pytest.mark.parametrize('kind', ['demo', 'folder'])
+def test_processes_read_disjoint_shards_covering_the_split(kind, tmp_path):
+  config = _config()
+  if kind == 'folder':
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    png = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()
+    for i in range(7):
+      d = tmp_path / 'train' / f'class{i % 2}'
+      d.mkdir(parents=True, exist_ok=True)
+      (d / f'{i}.png').write_bytes(png)
+    config.data.source, config.data.folder = 'folder', str(tmp_path)
+  whole = sources.load(config.data, 'train', process_index=0, process_count=1)
+  shards = [sources.load(config.data, 'train', process_index=i, process_count=2) for i in (0, 1)]
+  idx = [_indices(s) for s in shards]
+  assert not set(idx[0]) & set(idx[1])
+  assert sorted(idx[0] + idx[1]) == sorted(_indices(whole))
+  assert [s.num_examples for s in shards] == [len(i) for i in idx]
+  assert all(s.num_examples_total == whole.num_examples_total for s in shards)
+
+
+def test_eval_counts_every_example_once_across_processes():
+  config = _config()
+  batches = [list(pipeline.eval_iterator(config, 'test', 64, process_index=i, process_count=2))
+             for i in (0, 1)]
+  assert len(batches[0]) == len(batches[1])  # lockstep: same number of eval steps
+  assert sum(int(b['mask'].sum()) for bs in batches for b in bs) == sources.DEMO_TEST_SIZE
