@@ -47,4 +47,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 200
   c.knn.temperature = 0.1
+
+  # --- fine-tuning (official SimCLR recipe: Nesterov SGD, no warm-up, crop + flip) ------------
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.enabled = False
+  c.finetune.label_fraction = 1.0  # 0.01 / 0.1 / 1.0: seeded class-balanced train subset
+  c.finetune.from_block = 0  # 0: whole network incl. stem | k: stage k onward (+ head) trained
+  c.finetune.epochs = 60  # official: 60 for 1%, 30 for 10%
+  c.finetune.batch_size = 4096
+  c.finetune.learning_rate = 0.8  # cosine peak; official: 0.05 x batch / 256 (not rescaled)
+  c.finetune.momentum = 0.9
+  c.finetune.nesterov = True
+  c.finetune.weight_decay = 0.0
+  c.finetune.crop_area = (0.08, 1.0)
+  c.finetune.flip = True
   return c

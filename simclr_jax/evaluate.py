@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, eval_lib, parallel
+from simclr_jax import checkpoint, eval_lib, finetune, parallel
 from simclr_jax import logging as metric_logging
 from simclr_jax.data import pipeline
 from simclr_jax.models import simclr
@@ -44,6 +44,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key, value in positive.items():
     if value < 1:
       raise ValueError(f'config.{key}={value} must be >= 1.')
+  ft = config.get('finetune')
+  if ft is not None and ft.enabled:
+    if not 0.0 < ft.label_fraction <= 1.0:
+      raise ValueError(f'config.finetune.label_fraction={ft.label_fraction} must be in (0, 1].')
+    if not 0 <= ft.from_block <= finetune.NUM_STAGES:
+      raise ValueError(f'config.finetune.from_block={ft.from_block} must be in '
+                       f'[0, {finetune.NUM_STAGES}] (0: whole network, k: stage k onward).')
+    for key in ('epochs', 'batch_size'):
+      if ft[key] < 1:
+        raise ValueError(f'config.finetune.{key}={ft[key]} must be >= 1.')
 
 
 def data_config(config: ml_collections.ConfigDict,
@@ -225,6 +235,9 @@ def summary_line(results: dict[str, Any]) -> str:
   if 'baseline' in results:
     b = results['baseline']
     line += f" | random-encoder baseline: probe {b['top1']:.3f} kNN {b['knn_top1']:.3f}"
+  if 'finetune' in results:
+    f = results['finetune']
+    line += f" | fine-tune ({f['label_fraction'] * 100:g}%) top-1 {f['top1']:.3f}"
   return line
 
 
@@ -235,6 +248,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = time.time()
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  if config.finetune.enabled:
+    parallel.check_batch_size(config.finetune.batch_size, mesh, 'finetune.batch_size')
 
   # Checked before any restore or compile: unlabelled data is a config error, found fast.
   pretrain_config = checkpoint.read_config(config.pretrain_workdir)
@@ -257,6 +272,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.baseline:
     baseline = random_encoder(model, pretrain_config, config.seed, mesh)
     results['baseline'] = evaluate_encoder(feature_fn, baseline, cfg, config, mesh)
+  if config.finetune.enabled:
+    results['finetune'], _ = finetune.finetune(variables, pretrain_config.model, cfg,
+                                               config.finetune, mesh, config.eval_batch_size)
   results['seconds'] = time.time() - start
 
   if jax.process_index() == 0:
@@ -267,6 +285,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if 'baseline' in results:
     scalars.update({f'linear_eval/baseline_{k}': results['baseline'][k]
                     for k in ('top1', 'top5', 'knn_top1', 'knn_top5')})
+  if 'finetune' in results:
+    scalars.update({f'linear_eval/finetune_{k}': results['finetune'][k] for k in ('top1', 'top5')})
   writer.write(step, scalars)
   writer.close()
   if jax.process_index() == 0:

@@ -110,17 +110,23 @@ def eval_iterator(config: Any, split: str, batch_size: int, *, process_index: in
 
 def probe_train_dataset(config: Any, batch_size: int, *, epoch: int,
                         crop_area: tuple[float, float] = (0.08, 1.0), flip: bool = True,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> tf.data.Dataset:
+                        process_index: int | None = None, process_count: int | None = None,
+                        indices: np.ndarray | None = None,
+                        shuffle: bool = False) -> tf.data.Dataset:
   """Every train example once as a random-resized-crop (+ flip) view, padded like `eval_dataset`.
 
   The linear-probe view of the official SimCLR evaluation (no colour distortion, no blur); the
   view of example i in epoch e is seeded by (config.seed, e, i), so an epoch is reproducible.
+  `indices` (optional): keep only the examples whose 'index' id is in it (a label-fraction
+  subset); every process then pads to probe_num_batches(...) batches. `shuffle`: the epoch's
+  examples in a fixed order seeded by (config.seed, epoch), as the pretraining stream (for
+  fine-tuning; the probe paths keep the source order).
   """
   pi, pc = _procs(process_index, process_count)
   batch = _local_batch(batch_size, pc, 'probe.batch_size')
   src = sources.load(config.data, config.data.train_split, process_index=pi, process_count=pc)
-  num_batches = -(-(-(-src.num_examples_total // pc)) // batch)
+  num_batches = probe_num_batches(src.num_examples_total, batch_size, pc,
+                                  None if indices is None else len(indices))
   size = config.data.image_size
   # Jitter and grayscale probabilities of 0 switch those ops off: crop + flip only.
   cfg = augment.ViewConfig(size=size, crop_area=tuple(crop_area), flip=flip, jitter_prob=0.0,
@@ -131,21 +137,49 @@ def probe_train_dataset(config: Any, batch_size: int, *, epoch: int,
     image = augment.train_view(ex['image'], augment.view_seed(seed, epoch, ex['index'], 0), cfg)
     return {'image': image, 'label': ex['label'], 'mask': True}
 
-  ds = src.ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = src.ds
+  if indices is not None:
+    ids = np.asarray(indices, np.int64)
+    keep = np.zeros(int(ids.max()) + 1 if len(ids) else 1, bool)
+    keep[ids] = True
+    keep_t = tf.constant(keep)
+    ds = ds.filter(lambda ex: tf.logical_and(
+        ex['index'] < len(keep), tf.gather(keep_t, tf.minimum(ex['index'], len(keep) - 1))))
+  if shuffle:
+    order_seed = int(augment.view_seed(seed, epoch, -1, -1)[0].numpy())
+    ds = ds.shuffle(max(min(config.data.shuffle_buffer, src.num_examples), 1), seed=order_seed,
+                    reshuffle_each_iteration=False)
+  ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
                                       'label': tf.constant(-1, tf.int32), 'mask': False})
   ds = ds.concatenate(pad.repeat()).take(num_batches * batch)
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
+def probe_num_batches(num_examples_total: int, batch_size: int, process_count: int,
+                      num_selected: int | None = None) -> int:
+  """Batches per process of `probe_train_dataset` (the same on every process, for lockstep).
+
+  With a subset of `num_selected` examples, a process's shard may hold up to all of them, so
+  on several processes this is an upper bound (extra batches are all padding); on one
+  process it is exactly ceil(num_selected / batch_size).
+  """
+  batch = batch_size // process_count
+  per_process = -(-num_examples_total // process_count)
+  if num_selected is not None:
+    per_process = min(per_process, num_selected)
+  return -(-per_process // batch)
+
+
 def probe_train_iterator(config: Any, batch_size: int, *, epoch: int,
                          crop_area: tuple[float, float] = (0.08, 1.0), flip: bool = True,
-                         process_index: int | None = None,
-                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                         process_index: int | None = None, process_count: int | None = None,
+                         indices: np.ndarray | None = None,
+                         shuffle: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """numpy batches {'image', 'label', 'mask'} of `probe_train_dataset` (augmented probe path)."""
   return probe_train_dataset(config, batch_size, epoch=epoch, crop_area=crop_area, flip=flip,
-                             process_index=process_index,
-                             process_count=process_count).as_numpy_iterator()
+                             process_index=process_index, process_count=process_count,
+                             indices=indices, shuffle=shuffle).as_numpy_iterator()
 
 
 def device_prefetch(it: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
