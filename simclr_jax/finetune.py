@@ -8,10 +8,8 @@ parameters and run BN in inference mode. Each epoch sees the examples in a seede
 label subset is eval_lib.balanced_subset of the
 train labels: fixed, seeded and class-balanced.
 """
-import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,53 +23,6 @@ from simclr_jax.models import resnet
 
 HEAD = 'head'
 NUM_STAGES = 4  # every ResNet depth in resnet.STAGES has four stages
-
-
-class PartlyFrozenResNet(nn.Module):
-  """resnet.ResNet with the same parameter tree, its parts before `from_block` frozen.
-
-  from_block 0: everything trained; k in 1..4: the stem and stages < k are frozen (BN in
-  inference mode, gradient stopped), stages >= k trained (BN in train mode when train=True).
-  With train=False this is exactly resnet.ResNet in inference mode.
-  """
-  depth: int = 50
-  width: float = 1.0
-  cifar_stem: bool = False
-  dtype: Any = jnp.float32
-  from_block: int = 0
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-    kind, blocks = resnet.STAGES[self.depth]
-    block_cls = resnet.BasicBlock if kind == 'basic' else resnet.BottleneckBlock
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype)
-
-    def norm(trained: bool) -> Callable[..., nn.Module]:
-      return functools.partial(nn.BatchNorm, use_running_average=not (train and trained),
-                               momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
-                               dtype=self.dtype, use_fast_variance=False)
-
-    base = max(1, int(round(64 * self.width)))
-    stem_trained = self.from_block == 0
-    x = x.astype(self.dtype)
-    if self.cifar_stem:
-      x = conv(base, (3, 3), name='stem_conv')(x)
-    else:
-      x = conv(base, (7, 7), 2, name='stem_conv')(x)
-    x = nn.relu(norm(stem_trained)(name='stem_bn')(x))
-    if not self.cifar_stem:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-    if not stem_trained:
-      x = jax.lax.stop_gradient(x)
-    for stage, num_blocks in enumerate(blocks):
-      trained = stage + 1 >= self.from_block
-      for i in range(num_blocks):
-        strides = 2 if stage > 0 and i == 0 else 1
-        x = block_cls(base * 2**stage, strides, conv, norm(trained),
-                      name=f'stage{stage + 1}_block{i + 1}')(x)
-      if not trained:
-        x = jax.lax.stop_gradient(x)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
 def is_frozen(name: str, from_block: int) -> bool:
@@ -121,7 +72,7 @@ def make_optimizer(ft: ml_collections.ConfigDict, total_steps: int
                                nesterov=bool(ft.nesterov)))
 
 
-def make_train_step(module: PartlyFrozenResNet, tx: optax.GradientTransformation, mesh: Mesh
+def make_train_step(module: resnet.ResNet, tx: optax.GradientTransformation, mesh: Mesh
                     ) -> Callable[..., Any]:
   """Jitted step (trained, opt_state, frozen, batch_stats, batch) → (same three, loss).
 
@@ -161,7 +112,7 @@ def make_train_step(module: PartlyFrozenResNet, tx: optax.GradientTransformation
   return jax.jit(step, out_shardings=(rep, rep, rep, rep))
 
 
-def make_logits_fn(module: PartlyFrozenResNet, mesh: Mesh) -> eval_lib.FeatureFn:
+def make_logits_fn(module: resnet.ResNet, mesh: Mesh) -> eval_lib.FeatureFn:
   """Jitted inference-mode logits of the fine-tuned network, batch sharded on "data"."""
 
   def logits(variables, images):
@@ -184,9 +135,9 @@ def finetune(variables: Any, model_cfg: ml_collections.ConfigDict,
   """
   fraction, from_block = float(ft.label_fraction), int(ft.from_block)
   num_classes = cfg.data.num_classes
-  module = PartlyFrozenResNet(model_cfg.depth, model_cfg.width, model_cfg.cifar_stem,
-                              {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[model_cfg.dtype],
-                              from_block)
+  module = resnet.ResNet(model_cfg.depth, model_cfg.width, model_cfg.cifar_stem,
+                         {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[model_cfg.dtype],
+                         train_from_stage=from_block)
   ids, _ = label_subset(cfg, fraction, cfg.seed)
   indices = None if fraction >= 1.0 else ids  # 100%: the unfiltered pipeline
   total = pipeline.num_examples(cfg)

@@ -9,6 +9,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 BN_MOMENTUM = 0.9
@@ -72,6 +73,9 @@ class ResNet(nn.Module):
   width: float = 1.0
   cifar_stem: bool = False
   dtype: Any = jnp.float32
+  # Fine-tuning from stage k (1..4): the stem and stages before k are frozen (BN in inference
+  # mode, no gradient through them); 0 trains everything. Same parameter tree either way.
+  train_from_stage: int = 0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -83,9 +87,10 @@ class ResNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype)
     # Two-pass variance: E[x²]-E[x]² loses ~1e-4 relative precision in float32, enough to make
     # a sharded step drift from the single-device one; the extra pass is cheap.
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
-                             use_fast_variance=False)
+    def norm(trained: bool = True) -> Any:
+      return functools.partial(nn.BatchNorm, use_running_average=not (train and trained),
+                               momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
+                               use_fast_variance=False)
     base = max(1, int(round(64 * self.width)))
 
     x = x.astype(self.dtype)
@@ -93,13 +98,20 @@ class ResNet(nn.Module):
       x = conv(base, (3, 3), name='stem_conv')(x)
     else:
       x = conv(base, (7, 7), 2, name='stem_conv')(x)
-    x = nn.relu(norm(name='stem_bn')(x))
+    stem_trained = self.train_from_stage == 0
+    x = nn.relu(norm(stem_trained)(name='stem_bn')(x))
     if not self.cifar_stem:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    if not stem_trained:
+      x = jax.lax.stop_gradient(x)
     for stage, num_blocks in enumerate(blocks):
+      trained = stage + 1 >= self.train_from_stage
       for i in range(num_blocks):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = block_cls(base * 2**stage, strides, conv, norm, name=f'stage{stage + 1}_block{i + 1}')(x)
+        x = block_cls(base * 2**stage, strides, conv, norm(trained),
+                      name=f'stage{stage + 1}_block{i + 1}')(x)
+      if not trained:
+        x = jax.lax.stop_gradient(x)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
