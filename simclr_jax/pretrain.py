@@ -135,7 +135,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           shown = {k: scalars[k] for k in _CONSOLE_KEYS if k in scalars}
           logging.info('%s', metric_logging.progress_line(
               step, num_steps, shown, scalars['images_per_sec'], scalars['eta_seconds']))
-      checkpoint.save(ckpt, state)
+      # Only on interval steps: save() reads state.step, a host sync that would stall dispatch.
+      if step % config.train.checkpoint_every_steps == 0:
+        checkpoint.save(ckpt, state)
       if stop.signal:
         checkpoint.save(ckpt, state, force=True)
         checkpoint.close(ckpt)
