@@ -4,41 +4,14 @@ Every random draw uses stateless TF ops keyed by a seed derived from (run seed, 
 index, view index), so a view can be recomputed exactly after a restart. Sampling is split from
 application (`sample_view_params` / `apply_view`) so tests can check the distributions directly.
 """
-import dataclasses
 import math
 from typing import Any
 
 import tensorflow as tf
 
-PRESETS = {  # config.augment overrides for the two standard image sizes.
-    'cifar': dict(jitter_strength=0.5, blur=False),
-    'imagenet': dict(jitter_strength=1.0, blur=True),
-}
-CROP_TRIES = 100
-EVAL_CROP_FRACTION = 0.875  # 224/256: the official SimCLR / ResNet eval crop.
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewConfig:
-  """Parameters of the train and eval views (from config.data.image_size and config.augment)."""
-  size: int = 32
-  crop_area: tuple[float, float] = (0.08, 1.0)
-  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-  flip: bool = True
-  jitter_strength: float = 0.5
-  jitter_prob: float = 0.8
-  grayscale_prob: float = 0.2
-  blur: bool = False
-  blur_prob: float = 0.5
-
-
-def view_config(config: Any) -> ViewConfig:
-  """ViewConfig from a full config (keys config.data.image_size and config.augment.*)."""
-  a = config.augment
-  return ViewConfig(size=config.data.image_size, crop_area=tuple(a.crop_area),
-                    crop_aspect=tuple(a.crop_aspect), flip=a.flip,
-                    jitter_strength=a.jitter_strength, jitter_prob=a.jitter_prob,
-                    grayscale_prob=a.grayscale_prob, blur=a.blur, blur_prob=a.blur_prob)
+# The view's parameters are shared with device_augment (no TF there); re-exported for callers.
+from simclr_jax.view_spec import (  # noqa: F401
+    CROP_TRIES, EVAL_CROP_FRACTION, PRESETS, ViewConfig, view_config)
 
 
 def view_seed(seed: Any, epoch: Any, index: Any, view: Any) -> tf.Tensor:
