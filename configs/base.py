@@ -25,6 +25,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 50_000
   c.data.on_corrupt = 'skip'  # 'skip' (count and log) | 'error' (stop, naming the file)
   c.data.cache = True  # cache decoded examples in memory (small data sets)
+  # Where the train views are made (README "Where the views are made"):
+  #   'host': all of the view in tf.data on the host CPU;
+  #   'split': tf.data decodes, crops, resizes and flips; colour jitter, grayscale and blur run
+  #     inside the jitted train step;
+  #   'device': the uint8 train split lives on the devices and the step gathers its examples by
+  #     index and makes both views (in-memory sources, all images one size; no TensorFlow at run
+  #     time with the demo source).
+  c.data.augment_on = 'host'
+  # augment_on='device': replicate the uint8 data set on every device when it is at most this
+  # many MiB, else shard it over the "data" axis (each device then draws from its own shard).
+  c.data.device_replicate_max_mb = 256.0
 
   # --- SimCLR views (DESIGN.md "views") ---------------------------------------------------------
   c.augment = ml_collections.ConfigDict()

@@ -3,7 +3,8 @@
 One mesh over every device of every process, axis ``"data"``. Parameters and optimiser state
 are replicated; batches are sharded on their leading axis. Nothing here imports TensorFlow.
 """
-from typing import Any, Mapping
+import collections
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -54,6 +55,31 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def process_rows(global_batch: int, mesh: Mesh) -> np.ndarray:
+  """The rows of a global batch sharded on "data" that this process's devices hold, in order.
+
+  They are what this process passes to `host_batch_to_global`; a contiguous range, as
+  `jax.make_array_from_process_local_data` expects.
+  """
+  slices = batch_sharded(mesh).addressable_devices_indices_map((global_batch,)).values()
+  rows = np.unique(np.concatenate([np.arange(global_batch)[s[0]] for s in slices]))
+  if len(rows) != rows[-1] - rows[0] + 1:
+    raise ValueError(f'this process\'s devices hold non-contiguous rows of the batch: {rows}')
+  return rows
+
+
+def device_prefetch(it: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
+                    size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays sharded on "data", keeping `size` batches already transferred (in flight)."""
+  queue = collections.deque()
+  for batch in it:
+    queue.append(host_batch_to_global(batch, mesh))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

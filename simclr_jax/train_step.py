@@ -18,6 +18,8 @@ from simclr_jax.optim import PROBE
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# In-step input: (raw batch, device data or None) → {'view1', 'view2', 'label'}; pure, jittable.
+Prepare = Callable[[Batch, Any], Batch]
 
 
 @flax.struct.dataclass
@@ -93,11 +95,27 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    learning_rate: Callable[[Any], Any], temperature: float,
-                    mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """`train_step` jitted for `mesh`: state replicated and donated, batch sharded on "data"."""
+                    learning_rate: Callable[[Any], Any], temperature: float, mesh: Mesh, *,
+                    prepare: Prepare | None = None,
+                    data_sharding: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
+  """`train_step` jitted for `mesh`: state replicated and donated, batch sharded on "data".
+
+  Without `prepare`: `step(state, batch)`, batch = {'view1', 'view2', 'label'}.
+  With `prepare`: `step(state, batch, data)`; `prepare(batch, data)` runs in the same jit before
+  the loss and returns {'view1', 'view2', 'label'} (views made on the devices, see
+  device_data.py). `data` (e.g. the device-resident data set; None if unused) is an argument
+  with sharding `data_sharding` (default replicated), never a constant baked into the program.
+  """
   step = partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                  temperature=temperature, mesh=mesh)
-  return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-                 donate_argnums=0)
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  if prepare is None:
+    return jax.jit(step, in_shardings=(replicated, sharded),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def prepared_step(state: TrainState, batch: Batch, data: Any) -> tuple[TrainState, Metrics]:
+    return step(state, prepare(batch, data))
+
+  data_sharding = replicated if data_sharding is None else data_sharding
+  return jax.jit(prepared_step, in_shardings=(replicated, sharded, data_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0)

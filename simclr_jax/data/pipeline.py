@@ -5,7 +5,7 @@ from (config.seed, e), and each view is seeded by (config.seed, epoch, example i
 restart at step k skips the un-augmented stream to example k·b and yields what an uninterrupted
 run yields from step k.
 """
-import collections
+import dataclasses
 from typing import Any, Iterator
 
 import jax
@@ -45,7 +45,13 @@ def steps_per_epoch(config: Any) -> int:
 
 def train_dataset(config: Any, *, start_step: int = 0, process_index: int | None = None,
                   process_count: int | None = None) -> tf.data.Dataset:
-  """This process's endless stream of {'view1', 'view2', 'label'} batches from `start_step`."""
+  """This process's endless stream of {'view1', 'view2', 'label'} batches from `start_step`.
+
+  With config.data.augment_on='split' the views are only decoded, cropped, resized and flipped
+  (the same crop and flip as 'host' for the same seeds); colour jitter, grayscale and blur run in
+  the train step (device_data.split_prepare), which needs each example's 'epoch' and 'index'
+  (int32), yielded as well.
+  """
   pi, pc = _procs(process_index, process_count)
   batch = _local_batch(config.train.batch_size, pc, 'train.batch_size')
   src = sources.load(config.data, config.data.train_split, process_index=pi, process_count=pc)
@@ -63,10 +69,15 @@ def train_dataset(config: Any, *, start_step: int = 0, process_index: int | None
 
   stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(skip)
   cfg = augment.view_config(config)
+  split = config.data.augment_on == 'split'
+  if split:  # Probabilities of 0 switch jitter and grayscale off; the crop/flip draws are unchanged.
+    cfg = dataclasses.replace(cfg, jitter_prob=0.0, grayscale_prob=0.0, blur=False)
 
   def two_views(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     views = {f'view{v + 1}': augment.train_view(
         ex['image'], augment.view_seed(seed, ex['epoch'], ex['index'], v), cfg) for v in (0, 1)}
+    if split:
+      views.update(epoch=tf.cast(ex['epoch'], tf.int32), index=tf.cast(ex['index'], tf.int32))
     return dict(views, label=ex['label'])
 
   stream = stream.map(two_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -182,13 +193,5 @@ def probe_train_iterator(config: Any, batch_size: int, *, epoch: int,
                              indices=indices, shuffle=shuffle).as_numpy_iterator()
 
 
-def device_prefetch(it: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
-                    size: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Global arrays sharded on "data", keeping `size` batches already transferred (in flight)."""
-  queue = collections.deque()
-  for batch in it:
-    queue.append(parallel.host_batch_to_global(batch, mesh))
-    if len(queue) >= size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+# Moved to parallel (TF-free, used by the device-resident input too); kept here for callers.
+device_prefetch = parallel.device_prefetch
