@@ -103,14 +103,20 @@ class StepTimer:
 
   def __init__(self, global_batch: int, total_steps: int, start_step: int = 0):
     self.global_batch, self.total_steps = global_batch, total_steps
-    self._step, self._time = start_step, time.monotonic()
+    self._step, self._time, self._cpu = start_step, time.monotonic(), time.process_time()
 
   def update(self, step: int) -> dict[str, float]:
-    """Returns {'step_time', 'images_per_sec', 'eta_seconds'} since the last call; resets."""
-    now = time.monotonic()
+    """{'step_time', 'images_per_sec', 'eta_seconds', 'host_cpu_per_step'} since the last call.
+
+    host_cpu_per_step is this process's CPU seconds (all threads: input pipeline, dispatch,
+    and on a CPU backend the computation itself) per step: what the host spends to feed a step.
+    """
+    now, cpu = time.monotonic(), time.process_time()
     steps, elapsed = step - self._step, now - self._time
-    self._step, self._time = step, now
+    cpu_per_step = (cpu - self._cpu) / steps if steps > 0 else float('nan')
+    self._step, self._time, self._cpu = step, now, cpu
     step_time = elapsed / steps if steps > 0 else float('nan')
     return {'step_time': step_time,
             'images_per_sec': self.global_batch / step_time if step_time > 0 else float('nan'),
-            'eta_seconds': max(self.total_steps - step, 0) * step_time}
+            'eta_seconds': max(self.total_steps - step, 0) * step_time,
+            'host_cpu_per_step': cpu_per_step}

@@ -80,7 +80,7 @@ def test_input_cifar_preset(tmp_path):
                             '--batches=2'], str(tmp_path))
   (row,) = record['figures']
   assert row['preset'] == 'cifar' and row['batch'] == 16
-  assert row['images_per_s'] > 0 and row['batch_ms'] > 0
+  assert row['images_per_s'] > 0 and row['batch_ms'] > 0 and row['cpu_s_per_1000_images'] > 0
 
 
 _FAKE_END_TO_END = textwrap.dedent('''
@@ -91,8 +91,8 @@ _FAKE_END_TO_END = textwrap.dedent('''
     def fake_run(config, workdir):
       # Logged every 4 steps: the first interval (compilation) is slow, then 0.5 s and 0.25 s.
       writer = metric_logging.MetricWriter(workdir, enabled=True)
-      for step, step_time in ((4, 10.0), (8, 0.5), (12, 0.25)):
-        writer.write(step, {'loss': 1.0, 'step_time': step_time,
+      for step, step_time, cpu in ((4, 10.0, 9.0), (8, 0.5, 0.8), (12, 0.25, 0.4)):
+        writer.write(step, {'loss': 1.0, 'step_time': step_time, 'host_cpu_per_step': cpu,
                             'images_per_sec': config.train.batch_size / step_time})
       writer.close()
       assert config.train.steps == 12 and config.train.log_every_steps == 4
@@ -115,6 +115,8 @@ def test_end_to_end_excludes_first_interval(tmp_path):
   assert figures['end_to_end_images_per_s'] == pytest.approx(8 * 32 / 3.0)
   assert figures['ratio_end_to_end_over_step'] == pytest.approx(8 * 32 / 3.0 / 100.0)
   assert figures['end_to_end_steady_steps'] == 8
+  # CPU seconds over the same 8 steps: 4*0.8 + 4*0.4 = 4.8 s for 256 images.
+  assert figures['host_cpu_s_per_1000_images'] == pytest.approx(1000 * 4.8 / 256)
   assert record['config']['config']['data']['source'] == 'demo'  # the default recipe
 
 
@@ -146,3 +148,13 @@ def test_end_to_end_real(tmp_path):
   assert figures['end_to_end_images_per_s'] > 0 and figures['step_images_per_s'] > 0
   assert figures['ratio_end_to_end_over_step'] == pytest.approx(
       figures['end_to_end_images_per_s'] / figures['step_images_per_s'])
+
+
+def test_program_flops_counts_the_hlo_as_written():
+  # Independent count: a [m,k]x[k,n] matmul is 2mkn FLOPs, plus one add per output element.
+  import jax
+  import jax.numpy as jnp
+  from simclr_jax.bench import step
+  m, k, n = 16, 32, 8
+  lowered = jax.jit(lambda a, b: a @ b + 1.0).lower(jnp.ones((m, k)), jnp.ones((k, n)))
+  assert step.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)

@@ -98,13 +98,19 @@ def test_format_duration(seconds, text):
 
 
 def test_step_timer(monkeypatch):
-  now = [1000.0]
+  now, cpu = [1000.0], [7.0]
   monkeypatch.setattr(slog.time, 'monotonic', lambda: now[0])
+  monkeypatch.setattr(slog.time, 'process_time', lambda: cpu[0])
   timer = slog.StepTimer(global_batch=512, total_steps=1100, start_step=100)
-  now[0] += 20.0  # 100 steps in 20 s
+  now[0] += 20.0  # 100 steps in 20 s, using 30 CPU seconds (two busy threads, say)
+  cpu[0] += 30.0
   out = timer.update(200)
   assert out['step_time'] == pytest.approx(0.2)
   assert out['images_per_sec'] == pytest.approx(512 / 0.2)  # source images, not views
   assert out['eta_seconds'] == pytest.approx(900 * 0.2)
+  assert out['host_cpu_per_step'] == pytest.approx(0.3)
   now[0] += 5.0  # measured from the previous call, not from the start
-  assert timer.update(300)['step_time'] == pytest.approx(0.05)
+  cpu[0] += 2.0
+  out = timer.update(300)
+  assert out['step_time'] == pytest.approx(0.05)
+  assert out['host_cpu_per_step'] == pytest.approx(0.02)

@@ -27,6 +27,8 @@ def environment() -> dict[str, Any]:
       'device_count': jax.device_count(),
       'process_count': jax.process_count(),
       'host_cpus': os.cpu_count(),
+      # Other work on the host slows CPU figures: the 1/5/15-minute load at the time of saving.
+      'load_average': os.getloadavg(),
       'platform': platform.platform(),
       'python': platform.python_version(),
       'versions': versions,

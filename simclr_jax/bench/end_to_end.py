@@ -5,7 +5,9 @@ Runs `pretrain.run` (real input pipeline, device prefetch, logging, checkpoint a
 metrics.jsonl rows after the first log, so the first interval (compilation, pipeline start-up)
 is excluded. Then the `step` benchmark (synthetic views already on the devices) runs on the same
 config and batch; end_to_end / step is the fraction of the step's throughput the whole job keeps,
-so input stalls and host overheads show as the gap below 1. The step benchmark blocks on every
+so input stalls and host overheads show as the gap below 1. host_cpu_s_per_1000_images is the
+process's CPU time (every thread) over the same steady steps: on a CPU backend it includes the
+computation, on an accelerator it is what the host spends on input and dispatch. The step benchmark blocks on every
 step while the training loop syncs only at log steps, so with small steps (dispatch-bound, e.g.
 emulated CPU devices) the ratio can exceed 1: compare it at realistic step times.
 
@@ -33,13 +35,15 @@ def steady_throughput(rows: list[dict[str, Any]], global_batch: int) -> dict[str
   if len(rows) < 2:
     raise ValueError(f'need at least two logged steps to exclude compilation, got {len(rows)}; '
                      'raise --steps or lower --log_every')
-  steps = seconds = 0.0
+  steps = seconds = cpu_seconds = 0.0
   for prev, row in zip(rows, rows[1:]):
     n = row['step'] - prev['step']
     steps += n
     seconds += n * row['step_time']
+    cpu_seconds += n * row['host_cpu_per_step']
   return {'steady_steps': int(steps), 'steady_seconds': seconds,
           'step_s_mean': seconds / steps, 'images_per_s': global_batch * steps / seconds,
+          'host_cpu_s_per_1000_images': 1000 * cpu_seconds / (global_batch * steps),
           'first_interval_step_s': rows[0]['step_time']}
 
 
@@ -59,7 +63,9 @@ def benchmark(config, batch: int, steps: int, log_every: int, warmup: int) -> di
       'global_batch': batch, 'devices': alone['devices'], 'image_size': config.data.image_size,
       'depth': config.model.depth, 'width': config.model.width, 'source': config.data.source,
       'train_steps': steps, 'log_every': log_every,
+      'augment_on': config.data.get('augment_on', 'host'),
       'end_to_end_images_per_s': e2e['images_per_s'], 'end_to_end_step_s': e2e['step_s_mean'],
+      'host_cpu_s_per_1000_images': e2e['host_cpu_s_per_1000_images'],
       'end_to_end_steady_steps': e2e['steady_steps'],
       'end_to_end_first_interval_step_s': e2e['first_interval_step_s'],
       'step_images_per_s': alone['images_per_s'], 'step_s_median': alone['step_s_median'],

@@ -26,11 +26,12 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _OUT = flags.DEFINE_string('out_dir', 'bench_results', 'Where the JSON goes.')
 
-# Published dense peaks per chip (FLOP/s), for utilisation on accelerators.
+# Published dense peaks per chip (FLOP/s), for utilisation on accelerators. float32 on NVIDIA
+# GPUs since Ampere is the TF32 tensor-core peak: XLA's default matmul/conv precision uses TF32.
 PEAK_FLOPS = {
-    ('gpu', 'H100', 'bfloat16'): 989e12, ('gpu', 'H100', 'float32'): 67e12,
-    ('gpu', 'H200', 'bfloat16'): 989e12, ('gpu', 'H200', 'float32'): 67e12,
-    ('gpu', 'A100', 'bfloat16'): 312e12, ('gpu', 'A100', 'float32'): 19.5e12,
+    ('gpu', 'H100', 'bfloat16'): 989e12, ('gpu', 'H100', 'float32'): 495e12,
+    ('gpu', 'H200', 'bfloat16'): 989e12, ('gpu', 'H200', 'float32'): 495e12,
+    ('gpu', 'A100', 'bfloat16'): 312e12, ('gpu', 'A100', 'float32'): 156e12,
     ('tpu', 'v4', 'bfloat16'): 275e12, ('tpu', 'v5e', 'bfloat16'): 197e12,
     ('tpu', 'v5p', 'bfloat16'): 459e12,
 }
@@ -57,8 +58,20 @@ def peak_flops(dtype: str) -> tuple[float | None, str]:
     return measured_matmul_peak(), 'measured f32 matmul, same run'
   for (platform, kind, dt), value in PEAK_FLOPS.items():
     if dev.platform == platform and kind.lower() in dev.device_kind.lower() and dt == dtype:
-      return value * jax.device_count(), f'published {kind} {dt} peak'
+      label = 'float32 (TF32 tensor cores)' if platform == 'gpu' and dt == 'float32' else dt
+      return value * jax.device_count(), f'published {kind} {label} peak'
   return None, 'unknown device'
+
+
+def program_flops(lowered: jax.stages.Lowered) -> float:
+  """FLOPs of one device's program, from XLA's cost analysis of the HLO as written.
+
+  The lowered (pre-optimisation) HLO is the same on every backend; the compiled program's
+  analysis is not: on GPU, convolutions become cuDNN custom calls it does not count.
+  """
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
 def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
@@ -77,20 +90,23 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh)
 
   t = time.perf_counter()
-  compiled = step.lower(state, views).compile()
+  lowered = step.lower(state, views)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  flops = program_flops(lowered)
   for _ in range(warmup):
     state, metrics = compiled(state, views)
   jax.block_until_ready(metrics)
   times = []
+  cpu_start = time.process_time()
   for _ in range(steps):
     t = time.perf_counter()
     state, metrics = compiled(state, views)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
+  # CPU seconds of this process per step: on a shared CPU host, wall time grows with other
+  # load but this stays put, so it is the figure to compare settings by.
+  cpu_s_per_step = (time.process_time() - cpu_start) / steps
   median = statistics.median(times)
   # cost_analysis counts one device's program; the step runs on every device.
   total_flops = flops * jax.device_count()
@@ -105,6 +121,7 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
       'depth': config.model.depth, 'width': config.model.width, 'image_size': size,
       'dtype': config.model.dtype, 'global_batch': batch, 'devices': jax.device_count(),
       'compile_s': compile_s, 'step_s_median': median, 'step_s_min': min(times),
+      'cpu_s_per_step': cpu_s_per_step,
       'images_per_s': batch / median, 'images_per_s_per_device': batch / median /
       jax.device_count(), 'gflops_per_step': total_flops / 1e9,
       'achieved_gflops_per_s': total_flops / median / 1e9,
