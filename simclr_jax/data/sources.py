@@ -15,8 +15,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from simclr_jax import demo_digits
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-DEMO_TEST_SIZE = 360  # of load_digits' 1797 images; the split is fixed (seed 0), not per run.
+DEMO_TEST_SIZE = demo_digits.TEST_SIZE
 _SPLIT_KEYS = 'config.data.train_split / config.data.eval_split'
 
 
@@ -154,21 +156,49 @@ def _check_images(ds: tf.data.Dataset, on_corrupt: str) -> tf.data.Dataset:
 
 
 def _demo(cfg: Any, split: str, pi: int, pc: int) -> Source:
-  """scikit-learn's bundled 8x8 digits (offline), upscaled to config.data.image_size, RGB uint8."""
-  from sklearn import datasets  # Imported here: only the demo needs scikit-learn.
-  digits = datasets.load_digits()
-  order = np.random.RandomState(0).permutation(len(digits.images))
-  splits = {'train': order[DEMO_TEST_SIZE:], 'test': order[:DEMO_TEST_SIZE]}
-  if split not in splits:
-    raise ValueError(f'split {split!r} is not in the demo set (set {_SPLIT_KEYS} to one of '
-                     f'{sorted(splits)}).')
-  index = np.sort(splits[split])
-  shard = index[pi::pc]
-  images = digits.images[shard, :, :, None].astype(np.float32) / 16.0
-  size = cfg.image_size
-  images = tf.image.resize(images, [size, size], method='bicubic').numpy()
-  images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8).repeat(3, axis=-1)
+  """scikit-learn's bundled 8x8 digits (offline), upscaled to config.data.image_size, RGB uint8.
+
+  The arrays come from `demo_digits.load` (TF-free), which the device-resident data set uses too.
+  """
+  images, labels, ids = demo_digits.load(split, cfg.image_size)
   ds = tf.data.Dataset.from_tensor_slices({
-      'image': images, 'label': digits.target[shard].astype(np.int32),
-      'index': shard.astype(np.int64)})
-  return Source(ds, len(shard), len(index), 10)
+      'image': images[pi::pc], 'label': labels[pi::pc], 'index': ids[pi::pc].astype(np.int64)})
+  return Source(ds, len(ids[pi::pc]), len(ids), demo_digits.NUM_CLASSES)
+
+
+def read_arrays(data_cfg: Any, split: str, *, purpose: str,
+                instead: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  """The whole `split` decoded into memory: (uint8 [N, H, W, 3], int32 labels, int64 ids, classes).
+
+  Rows are ordered by id. Every image must have one size (a ValueError naming `purpose` and
+  suggesting `instead` otherwise); for TFDS a variable image shape is refused from the metadata,
+  before anything is read.
+  """
+  fix = (f'{purpose} needs every image of the split at one size, to hold them as one uint8 '
+         f'array; use {instead} for this data set')
+  if data_cfg.source == 'tfds':
+    try:
+      shape = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir).info.features['image'].shape
+    except (tfds.core.registered.DatasetNotFoundError, ValueError, KeyError):
+      shape = None  # load() below reports a bad name or data_dir with its own message
+    if shape is not None and None in shape[:2]:
+      raise ValueError(f'{fix} (TFDS {data_cfg.name!r} has images of shape {shape}).')
+  src = load(data_cfg, split, process_index=0, process_count=1)
+
+  def decode(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = ex['image']
+    if image.dtype == tf.string:
+      image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    return dict(ex, image=image)
+
+  images, labels, ids = [], [], []
+  for ex in src.ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+    if images and ex['image'].shape != images[0].shape:
+      raise ValueError(f"{fix} (example {ex['index']} is {ex['image'].shape}, example "
+                       f'{ids[0]} is {images[0].shape}).')
+    images.append(ex['image'])
+    labels.append(ex['label'])
+    ids.append(ex['index'])
+  order = np.argsort(ids, kind='stable')
+  return (np.stack(images)[order], np.asarray(labels, np.int32)[order],
+          np.asarray(ids, np.int64)[order], src.num_classes)
