@@ -3,6 +3,7 @@
 Host syncs happen only on log steps (fetching metrics) and checkpoint steps; every other step is
 dispatched asynchronously while the input pipeline prepares the next batch.
 """
+import functools
 import math
 import signal
 import time
@@ -13,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from simclr_jax import checkpoint, optim, parallel, train_step
+from simclr_jax import checkpoint, device_data, optim, parallel, train_step
 from simclr_jax import logging as metric_logging
 from simclr_jax.models import simclr
 
@@ -72,10 +73,8 @@ def _check_data_config(config: ml_collections.ConfigDict, source_classes: int) -
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
-  # Imported here: TensorFlow loads only when a job reads data.
-  from simclr_jax.data import pipeline, sources
-
   # --- mesh and checks that need no compilation -------------------------------------------------
+  device_data.check_config(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
   checkpoint.ensure_writable(workdir)
@@ -84,10 +83,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
-  # --- input sizes -----------------------------------------------------------------------------
-  source = sources.load(config.data, config.data.train_split, process_index=0, process_count=1)
-  _check_data_config(config, source.num_classes)
-  steps_per_epoch = max(source.num_examples_total // config.train.batch_size, 1)
+  # --- input: where the views are made (config.data.augment_on) -------------------------------
+  # 'host' and 'split' read through tf.data; 'device' puts the uint8 train split on the mesh
+  # (TensorFlow only to read a tfds/folder source once; none for the demo).
+  augment_on = config.data.augment_on
+  if augment_on == 'device':
+    dataset = device_data.load(config, mesh)
+    num_examples, num_classes = dataset.num_examples, dataset.num_classes
+  else:
+    from simclr_jax.data import pipeline, sources  # TensorFlow loads only here.
+    source = sources.load(config.data, config.data.train_split, process_index=0,
+                          process_count=1)
+    num_examples, num_classes = source.num_examples_total, source.num_classes
+  _check_data_config(config, num_classes)
+  steps_per_epoch = max(num_examples // config.train.batch_size, 1)
   num_steps = total_steps(config.train, steps_per_epoch)
   checkpoint.write_config(workdir, config)
 
@@ -109,8 +118,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     logging.info('Resuming from the checkpoint at step %d of %d.', start_step, num_steps)
 
   # --- step and input stream -------------------------------------------------------------------
-  step_fn = train_step.make_train_step(model, tx, learning_rate, config.loss.temperature, mesh)
-  batches = pipeline.device_prefetch(pipeline.train_iterator(config, start_step=start_step), mesh)
+  make_step = functools.partial(train_step.make_train_step, model, tx, learning_rate,
+                                config.loss.temperature, mesh)
+  if augment_on == 'device':  # host → indices; the step gathers and makes both views
+    device_step = make_step(prepare=device_data.device_prepare(config, mesh, dataset.layout),
+                            data_sharding=dataset.sharding)
+    step_fn = lambda state, batch: device_step(state, batch, dataset.arrays)  # noqa: E731
+    host_batches = device_data.index_stream(dataset.layout, config, mesh, start_step=start_step)
+  elif augment_on == 'split':  # host → cropped, flipped views; the step adds colour and blur
+    split_step = make_step(prepare=device_data.split_prepare(config))
+    step_fn = lambda state, batch: split_step(state, batch, None)  # noqa: E731
+    host_batches = pipeline.train_iterator(config, start_step=start_step)
+  else:  # host → finished views
+    step_fn = make_step()
+    host_batches = pipeline.train_iterator(config, start_step=start_step)
+  batches = parallel.device_prefetch(host_batches, mesh)
   writer = metric_logging.MetricWriter(workdir)
   timer = metric_logging.StepTimer(config.train.batch_size, num_steps, start_step)
   last_finite: dict[str, float] = {}
