@@ -191,7 +191,7 @@ def index_stream(layout: Layout, config: Any, mesh: Mesh, *,
     step += 1
 
 
-# --- inside the jitted step ------------------------------------------------------------------------
+# --- inside the jitted step -----------------------------------------------------------------------
 
 def gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh,
            sharded: bool) -> dict[str, jax.Array]:

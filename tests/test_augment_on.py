@@ -1,4 +1,4 @@
-"""config.data.augment_on: the device-resident data set, its index stream, 'split' and 'device' runs.
+"""config.data.augment_on: the device-resident data set, its index stream, 'split', 'device' runs.
 
 In-process tests check the parts against numpy (gather, layout, index stream, the TF-free demo
 images, the split views); subprocess runs of `python -m simclr_jax.main` check that a 'device'
@@ -22,7 +22,7 @@ from simclr_jax import logging as metric_logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# --- the device-resident data set ------------------------------------------------------------------
+# --- the device-resident data set -----------------------------------------------------------------
 
 def _split(n=43, seed=0):
   rng = np.random.default_rng(seed)
@@ -124,7 +124,7 @@ def test_demo_digits_without_tensorflow_equal_the_tf_resize():
   assert len(demo_digits.load('train', 8)[2]) == 1797 - demo_digits.TEST_SIZE
 
 
-# --- config errors ---------------------------------------------------------------------------------
+# --- config errors --------------------------------------------------------------------------------
 
 def _tiny(**data):
   c = demo.get_config()
@@ -137,7 +137,8 @@ def _tiny(**data):
 
 
 def test_unknown_augment_on_is_a_config_error(tmp_path):
-  with pytest.raises(ValueError, match=r'config\.data\.augment_on=.gpu. .*--config\.data\.augment_on'):
+  with pytest.raises(ValueError,
+                     match=r'config\.data\.augment_on=.gpu. .*--config\.data\.augment_on'):
     pretrain.run(_tiny(augment_on='gpu'), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
 
@@ -226,7 +227,7 @@ def test_device_reads_tfds_once_and_refuses_variable_image_shapes(tmp_path, devi
     device_data.load(config, parallel.make_mesh(devices))
 
 
-# --- 'split': tf.data crops and flips, the step finishes the views -----------------------------------
+# --- 'split': tf.data crops and flips, the step finishes the views --------------------------------
 
 def _split_config(**augment):
   c = base.get_config()
@@ -333,7 +334,7 @@ def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
   assert not [l for l in text.split('\n') if 'constant' in l and f'{rows}x8x8x3xui8' in l]
 
 
-# --- whole runs: python -m simclr_jax.main in subprocesses -----------------------------------------
+# --- whole runs: python -m simclr_jax.main in subprocesses ----------------------------------------
 
 STEPS, CKPT_EVERY = 24, 4
 TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8',

@@ -70,7 +70,7 @@ def train_dataset(config: Any, *, start_step: int = 0, process_index: int | None
   stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(skip)
   cfg = augment.view_config(config)
   split = config.data.augment_on == 'split'
-  if split:  # Probabilities of 0 switch jitter and grayscale off; the crop/flip draws are unchanged.
+  if split:  # Probabilities of 0 switch jitter and grayscale off; crop/flip draws are unchanged.
     cfg = dataclasses.replace(cfg, jitter_prob=0.0, grayscale_prob=0.0, blur=False)
 
   def two_views(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
