@@ -76,11 +76,15 @@ def test_loss_memory_grows_with_local_times_global_rows(tmp_path):
 
 
 def test_input_cifar_preset(tmp_path):
-  record = _bench('input', ['--preset=cifar', '--batch_size=16', '--warmup_batches=1',
-                            '--batches=2'], str(tmp_path))
-  (row,) = record['figures']
-  assert row['preset'] == 'cifar' and row['batch'] == 16
-  assert row['images_per_s'] > 0 and row['batch_ms'] > 0 and row['cpu_s_per_1000_images'] > 0
+  record = _bench('input', ['--preset=cifar', '--augment_on=host,split,device', '--batch_size=16',
+                            '--warmup_batches=1', '--batches=4'], str(tmp_path))
+  rows = {r['augment_on']: r for r in record['figures']}
+  assert sorted(rows) == ['device', 'host', 'split']
+  for row in rows.values():
+    assert row['preset'] == 'cifar' and row['batch'] == 16
+    assert row['images_per_s'] > 0 and row['batch_ms'] > 0 and row['cpu_s_per_1000_images'] > 0
+  # 'device' leaves the host only the index stream: far cheaper than tf.data making the views.
+  assert rows['device']['cpu_s_per_1000_images'] < rows['host']['cpu_s_per_1000_images'] / 5
 
 
 _FAKE_END_TO_END = textwrap.dedent('''
@@ -103,7 +107,8 @@ _FAKE_END_TO_END = textwrap.dedent('''
 
     end_to_end.pretrain.run = fake_run
     end_to_end.step.benchmark = fake_step
-    end_to_end.main(sys.argv)
+    from simclr_jax.bench import __main__ as bench
+    bench.main([sys.argv[0], 'end_to_end'] + sys.argv[1:])
 ''')
 
 
@@ -121,10 +126,11 @@ def test_end_to_end_excludes_first_interval(tmp_path):
 
 
 def test_end_to_end_refuses_a_single_log_interval(tmp_path):
+  # With a config override and no --config: the default recipe's overrides must parse first.
   proc = subprocess.run([sys.executable, '-m', 'simclr_jax.bench', 'end_to_end', '--steps=4',
-                         '--log_every=4', f'--out_dir={tmp_path}'], cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and 'two log intervals' in proc.stderr + proc.stdout
+                         '--log_every=4', f'--out_dir={tmp_path}', '--config.model.width=0.25'],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'two log intervals' in proc.stderr + proc.stdout, proc.stderr
   assert not os.listdir(tmp_path)
 
 

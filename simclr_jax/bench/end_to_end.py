@@ -27,7 +27,6 @@ from simclr_jax.bench import common, step
 _LOG_EVERY = flags.DEFINE_integer('log_every', None, 'Log interval of the end-to-end run '
                                   '(default: steps // 3); at least two intervals are needed.')
 FLAGS = flags.FLAGS
-DEFAULT_CONFIG = 'configs/demo.py'
 
 
 def steady_throughput(rows: list[dict[str, Any]], global_batch: int) -> dict[str, float]:
@@ -95,6 +94,4 @@ def _run(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
   """Entry point used by simclr_jax.bench.__main__ (argv[0] is the program name)."""
-  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
-    argv = [argv[0], f'--config={DEFAULT_CONFIG}'] + list(argv[1:])
   app.run(_run, argv=argv)
