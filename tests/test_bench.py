@@ -156,11 +156,20 @@ def test_end_to_end_real(tmp_path):
       figures['end_to_end_images_per_s'] / figures['step_images_per_s'])
 
 
-def test_program_flops_counts_the_hlo_as_written():
-  # Independent count: a [m,k]x[k,n] matmul is 2mkn FLOPs, plus one add per output element.
+def test_program_flops_counts_the_global_step(devices, monkeypatch):
+  # Independent count: a [m,k]x[k,n] matmul is 2mkn FLOPs, plus one add per output element,
+  # whatever the number of devices it is sharded over (rows of `a` on the 8 devices).
   import jax
   import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from simclr_jax import parallel
   from simclr_jax.bench import step
   m, k, n = 16, 32, 8
-  lowered = jax.jit(lambda a, b: a @ b + 1.0).lower(jnp.ones((m, k)), jnp.ones((k, n)))
+  a = jax.device_put(jnp.ones((m, k)), NamedSharding(parallel.make_mesh(devices), P('data')))
+  lowered = jax.jit(lambda a, b: a @ b + 1.0).lower(a, jnp.ones((k, n)))
+  assert step.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
+  # Backends that cannot analyse unoptimised HLO (GPU plugins): the CPU client's count.
+  def unimplemented():
+    raise NotImplementedError
+  monkeypatch.setattr(lowered, 'cost_analysis', unimplemented)
   assert step.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
