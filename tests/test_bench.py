@@ -173,3 +173,20 @@ def test_program_flops_counts_the_global_step(devices, monkeypatch):
     raise NotImplementedError
   monkeypatch.setattr(lowered, 'cost_analysis', unimplemented)
   assert step.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
+
+
+def test_device_bytes_limit_from_memory_stats():
+  from simclr_jax.bench import loss
+
+  class Device:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      if isinstance(self.stats, Exception):
+        raise self.stats
+      return self.stats
+
+  assert loss._device_bytes_limit(Device({'bytes_limit': 80 * 2**30})) == 80 * 2**30
+  assert loss._device_bytes_limit(Device(None)) == float('inf')  # CPU: no stats
+  assert loss._device_bytes_limit(Device(RuntimeError('unsupported'))) == float('inf')

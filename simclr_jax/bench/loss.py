@@ -57,6 +57,15 @@ def _available_host_bytes() -> float:
     return float('inf')
 
 
+def _device_bytes_limit(device: Any) -> float:
+  """Memory an accelerator lets XLA allocate (inf where the backend does not say, e.g. CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backends without memory stats
+    stats = None
+  return float(stats.get('bytes_limit', float('inf'))) if stats else float('inf')
+
+
 def compile_loss_grad(global_batch: int, dim: int, temperature: float, mesh) -> Any:
   """The compiled value_and_grad of NT-Xent wrt (z1, z2), for inputs sharded on "data"."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -117,9 +126,14 @@ def benchmark(sizes: list[int], dim: int, temperature: float, steps: int, warmup
     runs = warmup + steps
     # Emulated CPU devices share host memory: all of them hold their temp buffers at once.
     needed = (temp + arg + out) * devices
+    device_limit = _device_bytes_limit(jax.devices()[0])
     if jax.default_backend() == 'cpu' and needed > 0.8 * _available_host_bytes():
       row.update(time_s_median=None, time_s_min=None,
                  timing=f'skipped: needs {needed / 2**30:.1f} GiB host memory')
+    elif temp + arg + out > 0.9 * device_limit:
+      row.update(time_s_median=None, time_s_min=None,
+                 timing=f'skipped: needs {(temp + arg + out) / 2**30:.1f} GiB of '
+                 f'{device_limit / 2**30:.1f} GiB device memory')
     elif predicted is not None and predicted * runs > max_time:
       row.update(time_s_median=None, time_s_min=None,
                  timing=f'skipped: predicted {predicted * runs:.0f}s > max_time {max_time:g}s')
