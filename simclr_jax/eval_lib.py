@@ -119,7 +119,7 @@ def train_linear_probe(train_feats: Any, train_labels: Any, num_classes: int, *,
   if epochs < 1 or batch_size < 1:
     raise ValueError(f'epochs={epochs} and batch_size={batch_size} must be >= 1.')
   batch_size = min(batch_size, n)
-  epoch_fn, tx = _probe_epoch_fn(n // batch_size, batch_size, epochs, float(learning_rate),
+  epoch_fn, tx = probe_epoch_fn(n // batch_size, batch_size, epochs, float(learning_rate),
                                  float(momentum), bool(nesterov), float(weight_decay))
   stats = {'mean': jnp.mean(feats, axis=0), 'var': jnp.var(feats, axis=0)}
   trainable = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
@@ -133,9 +133,9 @@ def train_linear_probe(train_feats: Any, train_labels: Any, num_classes: int, *,
 
 
 @functools.lru_cache(maxsize=8)
-def _probe_epoch_fn(steps_per_epoch: int, batch_size: int, epochs: int, learning_rate: float,
-                    momentum: float, nesterov: bool, weight_decay: float
-                    ) -> tuple[Callable[..., Any], optax.GradientTransformation]:
+def probe_epoch_fn(steps_per_epoch: int, batch_size: int, epochs: int, learning_rate: float,
+                   momentum: float, nesterov: bool, weight_decay: float
+                   ) -> tuple[Callable[..., Any], optax.GradientTransformation]:
   """The probe's optimiser and its jitted epoch (cached: equal settings compile once)."""
   schedule = optim.warmup_cosine(learning_rate, 0, epochs * steps_per_epoch)
   tx = optax.chain(

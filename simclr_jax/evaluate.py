@@ -182,7 +182,7 @@ def _train_probe_augmented(feature_fn: eval_lib.FeatureFn, variables: Any,
       n, dim = feats.shape
       batch_size = min(probe.batch_size, n)
       # eval_lib's cached epoch function: the same jitted epoch as the cached path.
-      epoch_fn, tx = eval_lib._probe_epoch_fn(  # pylint: disable=protected-access
+      epoch_fn, tx = eval_lib.probe_epoch_fn(
           n // batch_size, batch_size, probe.epochs, float(probe.learning_rate),
           float(probe.momentum), bool(probe.nesterov), float(probe.weight_decay))
       stats = {'mean': jnp.mean(feats, axis=0), 'var': jnp.var(feats, axis=0)}

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import eval_lib, optim, parallel
 from simclr_jax.data import pipeline, sources
-from simclr_jax.models import resnet
+from simclr_jax.models import resnet, simclr
 
 HEAD = 'head'
 NUM_STAGES = 4  # every ResNet depth in resnet.STAGES has four stages
@@ -136,8 +136,7 @@ def finetune(variables: Any, model_cfg: ml_collections.ConfigDict,
   fraction, from_block = float(ft.label_fraction), int(ft.from_block)
   num_classes = cfg.data.num_classes
   module = resnet.ResNet(model_cfg.depth, model_cfg.width, model_cfg.cifar_stem,
-                         {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[model_cfg.dtype],
-                         train_from_stage=from_block)
+                         simclr.compute_dtype(model_cfg), train_from_stage=from_block)
   ids, _ = label_subset(cfg, fraction, cfg.seed)
   indices = None if fraction >= 1.0 else ids  # 100%: the unfiltered pipeline
   total = pipeline.num_examples(cfg)

@@ -57,13 +57,21 @@ class SimCLR(nn.Module):
     return out
 
 
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # config.model.dtype → compute dtype
+
+
+def compute_dtype(model_cfg: ml_collections.ConfigDict) -> Any:
+  """The compute dtype config.model.dtype names; a ValueError naming the key otherwise."""
+  if model_cfg.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype='{model_cfg.dtype}' is not one of {sorted(DTYPES)}.")
+  return DTYPES[model_cfg.dtype]
+
+
 def from_config(model_cfg: ml_collections.ConfigDict, num_classes: int) -> SimCLR:
   """Builds the SimCLR module from `config.model` and the data set's number of classes."""
-  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-  if model_cfg.dtype not in dtypes:
-    raise ValueError(f"config.model.dtype='{model_cfg.dtype}' is not one of {sorted(dtypes)}.")
+  dtype = compute_dtype(model_cfg)
   if model_cfg.num_proj_layers < 1:
     raise ValueError(f'config.model.num_proj_layers={model_cfg.num_proj_layers} must be >= 1.')
   return SimCLR(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
                 num_proj_layers=model_cfg.num_proj_layers, proj_dim=model_cfg.proj_dim,
-                num_classes=num_classes, dtype=dtypes[model_cfg.dtype])
+                num_classes=num_classes, dtype=dtype)
