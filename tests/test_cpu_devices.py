@@ -1,0 +1,39 @@
+"""CPU-only runs get one JAX device per core (config.cpu_devices), unless XLA_FLAGS says otherwise."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simclr_jax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('cores,batch,requested,expected', [
+    (2, 128, 0, 2), (16, 4096, 0, 16), (12, 512, 0, 8),  # power of two ≤ cores
+    (8, 36, 0, 4), (8, 9, 0, 1), (1, 128, 0, 1),  # ... that divides the global batch
+    (2, 128, 3, 3)])  # explicit count
+def test_cpu_device_count(cores, batch, requested, expected):
+  assert main.cpu_device_count(cores, batch, requested) == expected
+
+
+_PROBE = '''
+import jax
+from configs import demo
+from simclr_jax import main
+config = demo.get_config()
+config.cpu_devices = 3
+main._set_cpu_devices(config)
+print('devices', jax.device_count())
+'''
+
+
+@pytest.mark.parametrize('xla_flags,expected', [
+    ('', 3), ('--xla_force_host_platform_device_count=5', 5)])
+def test_set_cpu_devices_before_jax_starts(xla_flags, expected):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
+  proc = subprocess.run([sys.executable, '-c', _PROBE], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f'devices {expected}' in proc.stdout
