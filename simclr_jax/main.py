@@ -10,6 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from simclr_jax import parallel
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py recipe.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, config.json, metrics.')
@@ -27,32 +29,6 @@ class _LibraryInfoFilter(py_logging.Filter):
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
-
-
-_CPU_DEVICE_FLAG = '--xla_force_host_platform_device_count'
-
-
-def cpu_device_count(cores: int, batch_size: int, requested: int = 0) -> int:
-  """Devices for a CPU-only run: `requested` if > 0, else the largest power of two ≤ cores
-  that divides batch_size (the global batch must split evenly over the devices)."""
-  if requested > 0:
-    return requested
-  count = 1
-  while count * 2 <= cores and batch_size % (count * 2) == 0:
-    count *= 2
-  return count
-
-
-def _set_cpu_devices(config) -> None:
-  """Before JAX starts: config.cpu_devices CPU devices, unless XLA_FLAGS already sets a count.
-
-  Only the CPU backend reads it, so on a GPU/TPU host it changes nothing.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  if _CPU_DEVICE_FLAG in os.environ.get('XLA_FLAGS', ''):
-    return
-  jax.config.update('jax_num_cpu_devices', cpu_device_count(
-      os.cpu_count() or 1, config.train.batch_size, config.cpu_devices))
 
 
 def _start_distributed() -> None:
@@ -75,7 +51,8 @@ def main(argv: list[str]) -> None:
   del argv
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
-  _set_cpu_devices(config)
+  # Before anything starts JAX's backends (jax.distributed too).
+  parallel.set_cpu_devices(config.train.batch_size, config.cpu_devices)
   _start_distributed()
   if config.job == 'pretrain':
     from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top

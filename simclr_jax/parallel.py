@@ -4,6 +4,7 @@ One mesh over every device of every process, axis ``"data"``. Parameters and opt
 are replicated; batches are sharded on their leading axis. Nothing here imports TensorFlow.
 """
 import collections
+import os
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -11,6 +12,31 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+_CPU_DEVICE_FLAG = '--xla_force_host_platform_device_count'
+
+
+def cpu_device_count(cores: int, batch_size: int, requested: int = 0) -> int:
+  """Devices for a CPU-only run: `requested` if > 0, else the largest power of two ≤ cores
+  that divides batch_size (the global batch must split evenly over the devices)."""
+  if requested > 0:
+    return requested
+  count = 1
+  while count * 2 <= cores and batch_size % (count * 2) == 0:
+    count *= 2
+  return count
+
+
+def set_cpu_devices(batch_size: int, requested: int = 0) -> None:
+  """Call before JAX starts: cpu_device_count(...) CPU devices (config.cpu_devices).
+
+  XLA runs many CPU ops on one thread, so one device per core (data parallel; global BN and
+  loss unchanged) keeps every core busy. Skipped when XLA_FLAGS already sets a device count;
+  only the CPU backend reads it, so on a GPU/TPU host it changes nothing.
+  """
+  if _CPU_DEVICE_FLAG in os.environ.get('XLA_FLAGS', ''):
+    return
+  jax.config.update('jax_num_cpu_devices',
+                    cpu_device_count(os.cpu_count() or 1, batch_size, requested))
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -176,7 +176,7 @@ def test_program_flops_counts_the_global_step(devices, monkeypatch):
 
 
 def test_device_bytes_limit_from_memory_stats():
-  from simclr_jax.bench import loss
+  from simclr_jax.bench import common
 
   class Device:
     def __init__(self, stats):
@@ -187,6 +187,6 @@ def test_device_bytes_limit_from_memory_stats():
         raise self.stats
       return self.stats
 
-  assert loss._device_bytes_limit(Device({'bytes_limit': 80 * 2**30})) == 80 * 2**30
-  assert loss._device_bytes_limit(Device(None)) == float('inf')  # CPU: no stats
-  assert loss._device_bytes_limit(Device(RuntimeError('unsupported'))) == float('inf')
+  assert common.device_bytes_limit(Device({'bytes_limit': 80 * 2**30})) == 80 * 2**30
+  assert common.device_bytes_limit(Device(None)) == float('inf')  # CPU: no stats
+  assert common.device_bytes_limit(Device(RuntimeError('unsupported'))) == float('inf')

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from simclr_jax import main
+from simclr_jax import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,16 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (8, 36, 0, 4), (8, 9, 0, 1), (1, 128, 0, 1),  # ... that divides the global batch
     (2, 128, 3, 3)])  # explicit count
 def test_cpu_device_count(cores, batch, requested, expected):
-  assert main.cpu_device_count(cores, batch, requested) == expected
+  assert parallel.cpu_device_count(cores, batch, requested) == expected
 
 
 _PROBE = '''
 import jax
-from configs import demo
-from simclr_jax import main
-config = demo.get_config()
-config.cpu_devices = 3
-main._set_cpu_devices(config)
+from simclr_jax import parallel
+parallel.set_cpu_devices(batch_size=128, requested=3)
 print('devices', jax.device_count())
 '''
 

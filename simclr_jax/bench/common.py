@@ -36,6 +36,15 @@ def environment() -> dict[str, Any]:
   }
 
 
+def device_bytes_limit(device: Any) -> float:
+  """Memory an accelerator lets XLA allocate (inf where the backend does not say, e.g. CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backends without memory stats
+    stats = None
+  return float(stats.get('bytes_limit', float('inf'))) if stats else float('inf')
+
+
 def save(name: str, out_dir: str, config: dict[str, Any], figures: Any) -> str:
   """Writes {config, environment, figures} to OUT_DIR/<name>_<timestamp>.json; returns the path."""
   os.makedirs(out_dir, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from simclr_jax import logging as metric_logging
-from simclr_jax import pretrain
+from simclr_jax import parallel, pretrain
 from simclr_jax.bench import common, step
 
 _LOG_EVERY = flags.DEFINE_integer('log_every', None, 'Log interval of the end-to-end run '
@@ -77,6 +77,7 @@ def _run(argv: list[str]) -> None:
   del argv
   config = FLAGS.config
   batch = FLAGS.batch or config.train.batch_size
+  parallel.set_cpu_devices(batch, config.cpu_devices)  # as a CPU-only run of main.py
   steps = FLAGS.steps
   log_every = _LOG_EVERY.value or max(steps // 3, 1)
   if steps < 2 * log_every:

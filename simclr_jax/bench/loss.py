@@ -57,15 +57,6 @@ def _available_host_bytes() -> float:
     return float('inf')
 
 
-def _device_bytes_limit(device: Any) -> float:
-  """Memory an accelerator lets XLA allocate (inf where the backend does not say, e.g. CPU)."""
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except  # backends without memory stats
-    stats = None
-  return float(stats.get('bytes_limit', float('inf'))) if stats else float('inf')
-
-
 def compile_loss_grad(global_batch: int, dim: int, temperature: float, mesh) -> Any:
   """The compiled value_and_grad of NT-Xent wrt (z1, z2), for inputs sharded on "data"."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -103,6 +94,7 @@ def benchmark(sizes: list[int], dim: int, temperature: float, steps: int, warmup
   """One row per global batch: per-device logits and compiled memory, and the median time."""
   import jax  # pylint: disable=g-import-not-at-top
   from simclr_jax import parallel  # pylint: disable=g-import-not-at-top
+  from simclr_jax.bench import common  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   devices = mesh.devices.size
   rows = []
@@ -126,7 +118,7 @@ def benchmark(sizes: list[int], dim: int, temperature: float, steps: int, warmup
     runs = warmup + steps
     # Emulated CPU devices share host memory: all of them hold their temp buffers at once.
     needed = (temp + arg + out) * devices
-    device_limit = _device_bytes_limit(jax.devices()[0])
+    device_limit = common.device_bytes_limit(jax.devices()[0])
     if jax.default_backend() == 'cpu' and needed > 0.8 * _available_host_bytes():
       row.update(time_s_median=None, time_s_min=None,
                  timing=f'skipped: needs {needed / 2**30:.1f} GiB host memory')

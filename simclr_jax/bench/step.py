@@ -146,6 +146,7 @@ def _run(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
   batch = _BATCH.value or config.train.batch_size
+  parallel.set_cpu_devices(batch, config.cpu_devices)  # as a CPU-only run of main.py
   figures = benchmark(config, batch, _STEPS.value, _WARMUP.value)
   common.print_table([{k: v for k, v in figures.items() if k not in ('peak_source',)}])
   path = common.save('step', _OUT.value, {'config': config.to_dict(), 'batch': batch,
