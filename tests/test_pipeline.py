@@ -94,7 +94,7 @@ def test_device_prefetch_gives_sharded_global_arrays(devices):
   mesh = parallel.make_mesh(devices)
   it = pipeline.train_iterator(_config(), process_index=0, process_count=1)
   host = _take(pipeline.train_iterator(_config(), process_index=0, process_count=1), 3)
-  out = _take(pipeline.device_prefetch(it, mesh, size=2), 3)
+  out = _take(parallel.device_prefetch(it, mesh, size=2), 3)
   for h, g in zip(host, out):
     x = g['view1']
     assert isinstance(x, jax.Array) and x.shape == (32, 8, 8, 3)

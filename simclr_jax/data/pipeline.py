@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax import parallel
 from simclr_jax.data import augment, sources
 
 _MAX_EPOCHS = 2**40  # "forever"; tf.data.Dataset.range needs an end.
@@ -191,7 +190,3 @@ def probe_train_iterator(config: Any, batch_size: int, *, epoch: int,
   return probe_train_dataset(config, batch_size, epoch=epoch, crop_area=crop_area, flip=flip,
                              process_index=process_index, process_count=process_count,
                              indices=indices, shuffle=shuffle).as_numpy_iterator()
-
-
-# Moved to parallel (TF-free, used by the device-resident input too); kept here for callers.
-device_prefetch = parallel.device_prefetch
