@@ -163,16 +163,16 @@ def test_program_flops_counts_the_global_step(devices, monkeypatch):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   from simclr_jax import parallel
-  from simclr_jax.bench import step
+  from simclr_jax.bench import common  # no absl flags: safe to import in the test process
   m, k, n = 16, 32, 8
   a = jax.device_put(jnp.ones((m, k)), NamedSharding(parallel.make_mesh(devices), P('data')))
   lowered = jax.jit(lambda a, b: a @ b + 1.0).lower(a, jnp.ones((k, n)))
-  assert step.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
+  assert common.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
   # Backends that cannot analyse unoptimised HLO (GPU plugins): the CPU client's count.
   def unimplemented():
     raise NotImplementedError
   monkeypatch.setattr(lowered, 'cost_analysis', unimplemented)
-  assert step.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
+  assert common.program_flops(lowered) == pytest.approx(2 * m * k * n + m * n)
 
 
 def test_device_bytes_limit_from_memory_stats():

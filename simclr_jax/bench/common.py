@@ -36,6 +36,30 @@ def environment() -> dict[str, Any]:
   }
 
 
+def program_flops(lowered: jax.stages.Lowered) -> float:
+  """FLOPs of one step over all devices, from XLA's cost analysis of the HLO as written.
+
+  The lowered (pre-partitioning) HLO has the global shapes and is the same on every backend;
+  the compiled program's analysis counts one device's share and, on GPU, misses convolutions
+  (cuDNN custom calls). PJRT plugins (GPU) do not analyse unoptimised HLO, so there the CPU
+  client analyses the same module.
+  """
+  try:
+    cost = lowered.cost_analysis()
+  except NotImplementedError:
+    cost = None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or 'flops' not in cost:
+    try:
+      from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public API)
+      from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+      cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'),
+                                           lowered.compiler_ir('hlo').as_hlo_module())
+    except Exception:  # pylint: disable=broad-except  # private API moved: report no FLOPs
+      return float('nan')
+  return float(cost.get('flops', float('nan')))
+
+
 def device_bytes_limit(device: Any) -> float:
   """Memory an accelerator lets XLA allocate (inf where the backend does not say, e.g. CPU)."""
   try:

@@ -63,30 +63,6 @@ def peak_flops(dtype: str) -> tuple[float | None, str]:
   return None, 'unknown device'
 
 
-def program_flops(lowered: jax.stages.Lowered) -> float:
-  """FLOPs of one step over all devices, from XLA's cost analysis of the HLO as written.
-
-  The lowered (pre-partitioning) HLO has the global shapes and is the same on every backend;
-  the compiled program's analysis counts one device's share and, on GPU, misses convolutions
-  (cuDNN custom calls). PJRT plugins (GPU) do not analyse unoptimised HLO, so there the CPU
-  client analyses the same module.
-  """
-  try:
-    cost = lowered.cost_analysis()
-  except NotImplementedError:
-    cost = None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if not cost or 'flops' not in cost:
-    try:
-      from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public API)
-      from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-      cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'),
-                                           lowered.compiler_ir('hlo').as_hlo_module())
-    except Exception:  # pylint: disable=broad-except  # private API moved: report no FLOPs
-      return float('nan')
-  return float(cost.get('flops', float('nan')))
-
-
 def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   """Compiles and times the step; returns the figures as a flat dict."""
   mesh = parallel.make_mesh()
@@ -106,7 +82,7 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   lowered = step.lower(state, views)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  flops = program_flops(lowered)
+  flops = common.program_flops(lowered)
   for _ in range(warmup):
     state, metrics = compiled(state, views)
   jax.block_until_ready(metrics)
