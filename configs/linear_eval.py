@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.feature = 'h'  # 'h': encoder output (standard) | 'z': projection-head output
   c.eval_batch_size = 256  # global batch of the frozen-encoder forward passes
   c.baseline = False  # also evaluate a randomly initialised encoder of the same architecture
+  # JAX devices without an accelerator, as in configs/base.py (0: one per core, a power of two
+  # dividing eval_batch_size).
+  c.cpu_devices = 0
 
   # --- data overrides (None: take the pretraining config's value) ----------------------------
   c.data = ml_collections.ConfigDict()

@@ -51,8 +51,9 @@ def main(argv: list[str]) -> None:
   del argv
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
-  # Before anything starts JAX's backends (jax.distributed too).
-  parallel.set_cpu_devices(config.train.batch_size, config.cpu_devices)
+  # Before anything starts JAX's backends (jax.distributed too). The batch the devices split:
+  batch = config.eval_batch_size if config.job == 'linear_eval' else config.train.batch_size
+  parallel.set_cpu_devices(batch, config.cpu_devices)
   _start_distributed()
   if config.job == 'pretrain':
     from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top

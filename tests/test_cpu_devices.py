@@ -34,3 +34,21 @@ def test_set_cpu_devices_before_jax_starts(xla_flags, expected):
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f'devices {expected}' in proc.stdout
+
+
+@pytest.mark.parametrize('recipe,error', [
+    ('configs/linear_eval.py', 'pretrain_workdir'),  # its batch key is eval_batch_size
+    ('configs/demo.py', 'train.batch_size=36')])
+def test_main_sets_cpu_devices_for_each_job(tmp_path, recipe, error):
+  # No XLA_FLAGS device count: main.py chooses one from the job's batch, then the job stops at
+  # its first config error (before compiling anything), not at the device set-up.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  args = [sys.executable, '-m', 'simclr_jax.main', f'--config={recipe}',
+          f'--workdir={tmp_path}/w']
+  if recipe.endswith('demo.py'):
+    # 8 CPU devices asked for and a batch of 36: the batch check names the key.
+    args += ['--config.train.batch_size=36', '--config.cpu_devices=8']
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert error in proc.stderr, proc.stderr[-2000:]
+  assert 'AttributeError' not in proc.stderr and 'Traceback' not in proc.stderr
