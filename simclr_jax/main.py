@@ -67,9 +67,9 @@ def main(argv: list[str]) -> None:
       logging.error('%s', e)
       sys.exit(f'error: {e}')
   elif config.job == 'linear_eval':
-    from simclr_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from simclr_jax.eval import job as eval_job  # pylint: disable=g-import-not-at-top
     try:
-      evaluate.run(config, _WORKDIR.value)
+      eval_job.run(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, PermissionError) as e:
       logging.error('%s', e)
       sys.exit(f'error: {e}')

@@ -14,8 +14,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from simclr_jax import checkpoint, device_data, optim, parallel, train_step
-from simclr_jax import logging as metric_logging
+from simclr_jax import checkpoint, optim, parallel, train_step
+from simclr_jax.data import device_input
+from simclr_jax import metrics
 from simclr_jax.models import simclr
 
 _CONSOLE_KEYS = ('loss', 'contrastive_acc', 'probe_acc')  # the rest is in metrics.jsonl
@@ -74,7 +75,7 @@ def _check_data_config(config: ml_collections.ConfigDict, source_classes: int) -
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
   # --- mesh and checks that need no compilation -------------------------------------------------
-  device_data.check_config(config)
+  device_input.check_config(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
   checkpoint.ensure_writable(workdir)
@@ -88,10 +89,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # (TensorFlow only to read a tfds/folder source once; none for the demo).
   augment_on = config.data.augment_on
   if augment_on == 'device':
-    dataset = device_data.load(config, mesh)
+    dataset = device_input.load(config, mesh)
     num_examples, num_classes = dataset.num_examples, dataset.num_classes
   else:
-    from simclr_jax.data import pipeline, sources  # TensorFlow loads only here.
+    from simclr_jax.data import host_input, sources  # TensorFlow loads only here.
     source = sources.load(config.data, config.data.train_split, process_index=0,
                           process_count=1)
     num_examples, num_classes = source.num_examples_total, source.num_classes
@@ -121,29 +122,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   make_step = functools.partial(train_step.make_train_step, model, tx, learning_rate,
                                 config.loss.temperature, mesh)
   if augment_on == 'device':  # host → indices; the step gathers and makes both views
-    device_step = make_step(prepare=device_data.device_prepare(config, mesh, dataset.layout),
+    device_step = make_step(prepare=device_input.device_prepare(config, mesh, dataset.layout),
                             data_sharding=dataset.sharding)
     step_fn = lambda state, batch: device_step(state, batch, dataset.arrays)  # noqa: E731
-    host_batches = device_data.index_stream(dataset.layout, config, mesh, start_step=start_step)
+    host_batches = device_input.index_stream(dataset.layout, config, mesh, start_step=start_step)
   elif augment_on == 'split':  # host → cropped, flipped views; the step adds colour and blur
-    split_step = make_step(prepare=device_data.split_prepare(config))
+    split_step = make_step(prepare=device_input.split_prepare(config))
     step_fn = lambda state, batch: split_step(state, batch, None)  # noqa: E731
-    host_batches = pipeline.train_iterator(config, start_step=start_step)
+    host_batches = host_input.train_iterator(config, start_step=start_step)
   else:  # host → finished views
     step_fn = make_step()
-    host_batches = pipeline.train_iterator(config, start_step=start_step)
+    host_batches = host_input.train_iterator(config, start_step=start_step)
   batches = parallel.device_prefetch(host_batches, mesh)
-  writer = metric_logging.MetricWriter(workdir)
-  timer = metric_logging.StepTimer(config.train.batch_size, num_steps, start_step)
+  writer = metrics.MetricWriter(workdir)
+  timer = metrics.StepTimer(config.train.batch_size, num_steps, start_step)
   last_finite: dict[str, float] = {}
   started = time.monotonic()
 
   # --- loop ------------------------------------------------------------------------------------
   with _StopRequest() as stop:
     for step in range(start_step + 1, num_steps + 1):
-      state, metrics = step_fn(state, next(batches))
+      state, step_metrics = step_fn(state, next(batches))
       if step % config.train.log_every_steps == 0 or step == num_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not all(map(math.isfinite, scalars.values())):
           checkpoint.close(ckpt)
           raise NonFiniteLossError(
@@ -155,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer.write(step, scalars)
         if jax.process_index() == 0:
           shown = {k: scalars[k] for k in _CONSOLE_KEYS if k in scalars}
-          logging.info('%s', metric_logging.progress_line(
+          logging.info('%s', metrics.progress_line(
               step, num_steps, shown, scalars['images_per_sec'], scalars['eta_seconds']))
       # Only on interval steps: save() reads state.step, a host sync that would stall dispatch.
       if step % config.train.checkpoint_every_steps == 0:
@@ -173,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   elapsed = time.monotonic() - started
   if jax.process_index() == 0:
     logging.info('Done: %d steps in %s, final loss %.4f, contrastive acc %.3f%s. Workdir: %s',
-                 num_steps - start_step, metric_logging.format_duration(elapsed),
+                 num_steps - start_step, metrics.format_duration(elapsed),
                  last_finite.get('loss', float('nan')), last_finite.get('contrastive_acc', 0.0),
                  (f", probe acc {last_finite['probe_acc']:.3f}" if 'probe_acc' in last_finite
                   else ''), workdir)

@@ -103,7 +103,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   Without `prepare`: `step(state, batch)`, batch = {'view1', 'view2', 'label'}.
   With `prepare`: `step(state, batch, data)`; `prepare(batch, data)` runs in the same jit before
   the loss and returns {'view1', 'view2', 'label'} (views made on the devices, see
-  device_data.py). `data` (e.g. the device-resident data set; None if unused) is an argument
+  device_input.py). `data` (e.g. the device-resident data set; None if unused) is an argument
   with sharding `data_sharding` (default replicated), never a constant baked into the program.
   """
   step = partial(train_step, model=model, tx=tx, learning_rate=learning_rate,

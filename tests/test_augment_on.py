@@ -16,8 +16,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import base, demo
-from simclr_jax import checkpoint, demo_digits, device_augment, device_data, parallel, pretrain
-from simclr_jax import logging as metric_logging
+from simclr_jax import checkpoint, parallel, pretrain
+from simclr_jax.data import demo_digits, device_input, views_jax
+from simclr_jax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _split(n=43, seed=0):
   rng = np.random.default_rng(seed)
   ids = np.sort(rng.choice(1000, n, replace=False)).astype(np.int64)  # sparse, like the demo's
-  return device_data.HostSplit(rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+  return device_input.HostSplit(rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
                                rng.integers(0, 10, n).astype(np.int32), ids, 10)
 
 
@@ -35,7 +36,7 @@ def _split(n=43, seed=0):
 def test_gather_equals_numpy_indexing(devices, replicate_max_mb):
   mesh = parallel.make_mesh(devices)
   split = _split()
-  data = device_data.place(split, mesh, replicate_max_mb)
+  data = device_input.place(split, mesh, replicate_max_mb)
   layout = data.layout
   assert layout.sharded == (replicate_max_mb == 0.0)
   shapes = {s.data.shape[0] for s in data.arrays['image'].addressable_shards}
@@ -44,7 +45,7 @@ def test_gather_equals_numpy_indexing(devices, replicate_max_mb):
   rng = np.random.default_rng(1)
   shard = np.arange(48) // 6 if layout.sharded else np.zeros(48, int)
   index = (rng.random(48) * np.asarray(layout.sizes)[shard]).astype(np.int32)
-  got = jax.jit(lambda d, i: device_data.gather(d, i, mesh, layout.sharded))(
+  got = jax.jit(lambda d, i: device_input.gather(d, i, mesh, layout.sharded))(
       data.arrays, parallel.host_batch_to_global({'i': index}, mesh)['i'])
   # Independent: the example id of each drawn row, looked up in the host split by numpy.
   example = layout.ids[shard * layout.stride + index]
@@ -56,7 +57,7 @@ def test_gather_equals_numpy_indexing(devices, replicate_max_mb):
 
 def test_layout_shards_are_balanced_and_cover_each_example_once():
   ids = np.arange(100, 143)
-  layout = device_data.make_layout(ids, 8)
+  layout = device_input.make_layout(ids, 8)
   assert layout.sizes == (6, 6, 6, 5, 5, 5, 5, 5) and layout.stride == 6
   real = layout.ids[layout.ids >= 0]
   np.testing.assert_array_equal(np.sort(real), ids)  # each id once
@@ -65,15 +66,15 @@ def test_layout_shards_are_balanced_and_cover_each_example_once():
   assert all((rows[g, :n] >= 0).all() and (rows[g, n:] == -1).all()
              for g, n in enumerate(layout.sizes))
   with pytest.raises(ValueError, match='device_replicate_max_mb'):
-    device_data.make_layout(np.arange(5), 8)
+    device_input.make_layout(np.arange(5), 8)
 
 
 @pytest.mark.parametrize('shards, batch', [(1, 8), (8, 16)], ids=['replicated', 'sharded'])
 def test_index_stream_epochs_reshuffle_and_restart(shards, batch):
   ids = np.arange(500, 543)  # 43 examples
-  layout = device_data.make_layout(ids, shards)
+  layout = device_input.make_layout(ids, shards)
   steps = 40
-  full = [device_data.index_batch(layout, 7, s, batch, np.arange(batch)) for s in range(steps)]
+  full = [device_input.index_batch(layout, 7, s, batch, np.arange(batch)) for s in range(steps)]
   per = batch // shards
   for g, n in enumerate(layout.sizes):
     # Shard g's draws in stream order: its rows of every step.
@@ -93,17 +94,17 @@ def test_index_stream_epochs_reshuffle_and_restart(shards, batch):
   config = base.get_config()
   config.seed, config.train.batch_size = 7, batch
   mesh = parallel.make_mesh(jax.devices())
-  resumed = list(itertools.islice(device_data.index_stream(layout, config, mesh, start_step=13),
+  resumed = list(itertools.islice(device_input.index_stream(layout, config, mesh, start_step=13),
                                   steps - 13))
   for a, b in zip(full[13:], resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   # Each process computes its own rows: halves of the batch agree with the whole.
-  halves = [device_data.index_batch(layout, 7, 21, batch, r)
+  halves = [device_input.index_batch(layout, 7, 21, batch, r)
             for r in np.split(np.arange(batch), 2)]
   for k in full[21]:
     np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), full[21][k])
-  other = device_data.index_batch(layout, 8, 0, batch, np.arange(batch))
+  other = device_input.index_batch(layout, 8, 0, batch, np.arange(batch))
   assert not np.array_equal(other['example_id'], full[0]['example_id'])  # seeded by config.seed
 
 
@@ -157,7 +158,7 @@ def test_device_needs_images_of_one_size(tmp_path):
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
   config.data.source = 'other'
   with pytest.raises(ValueError, match=r'config\.data\.augment_on=device .*config\.data\.source'):
-    device_data.check_config(config)
+    device_input.check_config(config)
 
 
 def test_device_reads_a_folder_source_once(tmp_path, devices):
@@ -171,7 +172,7 @@ def test_device_reads_a_folder_source_once(tmp_path, devices):
     Image.fromarray(image).save(d / f'{i}.png')
     expected[i] = image
   config = _tiny(augment_on='device', source='folder', folder=str(tmp_path), num_classes=3)
-  data = device_data.load(config, parallel.make_mesh(devices))
+  data = device_input.load(config, parallel.make_mesh(devices))
   assert data.num_examples == 10 and data.num_classes == 3 and not data.layout.sharded
   images, labels = np.asarray(data.arrays['image']), np.asarray(data.arrays['label'])
   # sources._folder numbers files by sorted class then name: c0/{0,3,6,9}, c1/{1,4,7}, c2/{2,5,8}.
@@ -212,7 +213,7 @@ def test_device_reads_tfds_once_and_refuses_variable_image_shapes(tmp_path, devi
     builder(data_dir=str(tmp_path)).download_and_prepare()
   config = _tiny(augment_on='device', source='tfds', name='augment_on_fixed_images',
                  data_dir=str(tmp_path), num_classes=3)
-  data = device_data.load(config, parallel.make_mesh(devices))
+  data = device_input.load(config, parallel.make_mesh(devices))
   assert data.num_examples == 9 and data.num_classes == 3
   images, labels = np.asarray(data.arrays['image']), np.asarray(data.arrays['label'])
   values = images[:, 0, 0, 0]  # TFDS stores the examples in its own order: match them by value
@@ -224,7 +225,7 @@ def test_device_reads_tfds_once_and_refuses_variable_image_shapes(tmp_path, devi
   config.data.name = 'augment_on_any_images'
   with pytest.raises(ValueError, match=r'config\.data\.augment_on=device needs every image.*'
                                        r'\(None, None, 3\)'):
-    device_data.load(config, parallel.make_mesh(devices))
+    device_input.load(config, parallel.make_mesh(devices))
 
 
 # --- 'split': tf.data crops and flips, the step finishes the views --------------------------------
@@ -238,13 +239,13 @@ def _split_config(**augment):
 
 
 def test_split_host_views_are_the_host_views_without_colour():
-  from simclr_jax.data import augment, pipeline, sources
+  from simclr_jax.data import host_input, sources, views_tf
   import tensorflow as tf
   split = _split_config()
   split.data.augment_on = 'split'
   plain = _split_config(jitter_prob=0.0, grayscale_prob=0.0, blur=False)
-  got = list(itertools.islice(pipeline.train_iterator(split, process_index=0, process_count=1), 13))
-  ref = list(itertools.islice(pipeline.train_iterator(plain, process_index=0, process_count=1), 13))
+  got = list(itertools.islice(host_input.train_iterator(split, process_index=0, process_count=1), 13))
+  ref = list(itertools.islice(host_input.train_iterator(plain, process_index=0, process_count=1), 13))
   for g, r in zip(got, ref):
     assert set(g) == {'view1', 'view2', 'label', 'epoch', 'index'} and set(r) == set(g) - {
         'epoch', 'index'}
@@ -255,12 +256,12 @@ def test_split_host_views_are_the_host_views_without_colour():
   # 'epoch' and 'index' name the example: rebuild a few views from the source by hand.
   images = {int(ex['index']): ex['image'] for ex in sources.load(
       split.data, 'test', process_index=0, process_count=1).ds.as_numpy_iterator()}
-  cfg = dataclasses.replace(augment.view_config(split), jitter_prob=0.0, grayscale_prob=0.0,
+  cfg = dataclasses.replace(views_tf.view_config(split), jitter_prob=0.0, grayscale_prob=0.0,
                             blur=False)
   for b, row in [(got[0], 0), (got[12], 31)]:
     for v in (0, 1):
-      seed = augment.view_seed(split.seed, int(b['epoch'][row]), int(b['index'][row]), v)
-      view = augment.train_view(tf.constant(images[int(b['index'][row])]), seed, cfg).numpy()
+      seed = views_tf.view_seed(split.seed, int(b['epoch'][row]), int(b['index'][row]), v)
+      view = views_tf.train_view(tf.constant(images[int(b['index'][row])]), seed, cfg).numpy()
       np.testing.assert_array_equal(view, b[f'view{v + 1}'][row])
 
 
@@ -272,14 +273,14 @@ def test_split_prepare_finishes_each_view_with_its_own_key(devices):
            'view2': rng.random((16, 8, 8, 3), np.float32),
            'label': np.arange(16, dtype=np.int32), 'epoch': np.full(16, 3, np.int32),
            'index': rng.permutation(100)[:16].astype(np.int32)}
-  out = jax.jit(device_data.split_prepare(config))(
+  out = jax.jit(device_input.split_prepare(config))(
       parallel.host_batch_to_global(batch, mesh), None)
-  cfg = device_data.view_spec.view_config(config)
+  cfg = device_input.views.view_config(config)
   for v in (0, 1):
     for i in (0, 9):  # one example at a time, key from its own (seed, epoch, index, view)
-      key = device_augment.view_keys(config.seed, batch['epoch'][i:i + 1],
+      key = views_jax.view_keys(config.seed, batch['epoch'][i:i + 1],
                                      batch['index'][i:i + 1], v)
-      want = device_augment.finish_views(batch[f'view{v + 1}'][i:i + 1], key, cfg)[0]
+      want = views_jax.finish_views(batch[f'view{v + 1}'][i:i + 1], key, cfg)[0]
       np.testing.assert_allclose(np.asarray(out[f'view{v + 1}'][i]), want, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
   assert not np.allclose(np.asarray(out['view1']), batch['view1'])
@@ -291,21 +292,21 @@ def test_device_prepare_makes_each_examples_own_views(devices):
   """Gather + keys + labels of device_prepare against views recomputed one example at a time."""
   config = _tiny(augment_on='device', device_replicate_max_mb=0.0)
   mesh = parallel.make_mesh(devices)
-  data = device_data.load(config, mesh)
+  data = device_input.load(config, mesh)
   assert data.layout.sharded and data.num_examples == 1797 - demo_digits.TEST_SIZE
-  batch = device_data.index_batch(data.layout, config.seed, 60, 32, np.arange(32))  # epoch 1 too
+  batch = device_input.index_batch(data.layout, config.seed, 60, 32, np.arange(32))  # epoch 1 too
   assert set(batch['epoch']) == {1}
-  out = jax.jit(device_data.device_prepare(config, mesh, data.layout))(
+  out = jax.jit(device_input.device_prepare(config, mesh, data.layout))(
       parallel.host_batch_to_global(batch, mesh), data.arrays)
   images, labels, ids = demo_digits.load('train', 8)
-  cfg = device_data.view_spec.view_config(config)
+  cfg = device_input.views.view_config(config)
   for row in (0, 5, 31):
     i = int(np.searchsorted(ids, batch['example_id'][row]))
     assert ids[i] == batch['example_id'][row] and out['label'][row] == labels[i]
     for v in (0, 1):
-      key = device_augment.view_keys(config.seed, batch['epoch'][row:row + 1],
+      key = views_jax.view_keys(config.seed, batch['epoch'][row:row + 1],
                                      batch['example_id'][row:row + 1], v)
-      want = device_augment.train_views(images[i:i + 1], key, cfg)[0]
+      want = views_jax.train_views(images[i:i + 1], key, cfg)[0]
       np.testing.assert_allclose(np.asarray(out[f'view{v + 1}'][row]), want, atol=1e-6)
   assert not np.allclose(np.asarray(out['view1']), np.asarray(out['view2']))
 
@@ -315,7 +316,7 @@ def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
   from simclr_jax.models import simclr
   config = _tiny(augment_on='device', device_replicate_max_mb=0.0)
   mesh = parallel.make_mesh(devices)
-  data = device_data.load(config, mesh)
+  data = device_input.load(config, mesh)
   model = simclr.from_config(config.model, 10)
   tx, lr = optim.make_optimizer(config.optim, 32, 44, 100)
   state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(0), (8, 8, 3),
@@ -323,10 +324,10 @@ def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                       sharding=parallel.replicated(mesh)), state)
   step = train_step.make_train_step(
-      model, tx, lr, 0.5, mesh, prepare=device_data.device_prepare(config, mesh, data.layout),
+      model, tx, lr, 0.5, mesh, prepare=device_input.device_prepare(config, mesh, data.layout),
       data_sharding=data.sharding)
   batch = parallel.host_batch_to_global(
-      device_data.index_batch(data.layout, 0, 0, 32, np.arange(32)), mesh)
+      device_input.index_batch(data.layout, 0, 0, 32, np.arange(32)), mesh)
   text = step.lower(state, batch, data.arrays).as_text()
   rows = data.arrays['image'].shape[0]
   main = text[text.index('func.func public @main'):].split('\n')[0]
@@ -402,8 +403,8 @@ def test_device_run_imports_no_tensorflow(device_run):
 def test_device_run_learns_like_the_host_run(device_run, tmp_path, cache):
   host_dir = tmp_path / 'host'
   _run(host_dir, cache)
-  host = metric_logging.read_metrics(str(host_dir))
-  dev = metric_logging.read_metrics(str(device_run[0]))
+  host = metrics.read_metrics(str(host_dir))
+  dev = metrics.read_metrics(str(device_run[0]))
   assert [r['step'] for r in host] == [r['step'] for r in dev] == list(range(1, STEPS + 1))
   h, d = (np.array([r['loss'] for r in rows]) for rows in (host, dev))
   # Step 1 runs the same initial parameters on different views. Measured over 40 batches of
@@ -438,6 +439,6 @@ def test_device_run_resumes_bit_identically(device_run, tmp_path, cache):
 
 def test_split_run_learns(tmp_path, cache):
   _run(tmp_path, cache, ['--config.data.augment_on=split', '--config.train.steps=8'])
-  rows = metric_logging.read_metrics(str(tmp_path))
+  rows = metrics.read_metrics(str(tmp_path))
   assert [r['step'] for r in rows] == list(range(1, 9))
   assert all(np.isfinite(r['loss']) for r in rows) and rows[-1]['loss'] < rows[0]['loss']

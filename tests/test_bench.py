@@ -89,12 +89,12 @@ def test_input_cifar_preset(tmp_path):
 
 _FAKE_END_TO_END = textwrap.dedent('''
     import sys
-    from simclr_jax import logging as metric_logging
+    from simclr_jax import metrics
     from simclr_jax.bench import end_to_end
 
     def fake_run(config, workdir):
       # Logged every 4 steps: the first interval (compilation) is slow, then 0.5 s and 0.25 s.
-      writer = metric_logging.MetricWriter(workdir, enabled=True)
+      writer = metrics.MetricWriter(workdir, enabled=True)
       for step, step_time, cpu in ((4, 10.0, 9.0), (8, 0.5, 0.8), (12, 0.25, 0.4)):
         writer.write(step, {'loss': 1.0, 'step_time': step_time, 'host_cpu_per_step': cpu,
                             'images_per_sec': config.train.batch_size / step_time})

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from configs import linear_eval
-from simclr_jax import evaluate, finetune
-from simclr_jax.data import pipeline
+from simclr_jax.eval import finetune
+from simclr_jax.eval import job as evaluate
+from simclr_jax.data import host_input
 from test_evaluate import _eval_config, _pretrain_config, mesh, pretrain  # noqa: F401 (fixtures)
 
 DEMO_TRAIN = 1797 - 360
@@ -33,7 +34,7 @@ def test_label_subset_is_class_balanced_and_what_the_pipeline_yields(pretrain):
   ids, labels = finetune.label_subset(cfg, 0.1, seed=0)
   # Independent count: train labels from the eval pipeline, per class round-half-up(0.1 n), >= 1.
   all_labels = np.concatenate([b['label'][b['mask']]
-                               for b in pipeline.eval_iterator(cfg, 'train', 64)])
+                               for b in host_input.eval_iterator(cfg, 'train', 64)])
   counts = np.bincount(all_labels, minlength=10)
   expected = np.maximum(1, np.floor(0.1 * counts + 0.5)).astype(int)
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), expected)
@@ -41,7 +42,7 @@ def test_label_subset_is_class_balanced_and_what_the_pipeline_yields(pretrain):
   np.testing.assert_array_equal(finetune.label_subset(cfg, 0.1, seed=0)[0], ids)  # fixed
   assert not np.array_equal(finetune.label_subset(cfg, 0.1, seed=1)[0], ids)  # seeded
   # The fine-tune pipeline restricted to the subset yields exactly those examples, once each.
-  batches = list(pipeline.probe_train_iterator(cfg, 64, epoch=0, indices=ids, shuffle=True))
+  batches = list(host_input.probe_train_iterator(cfg, 64, epoch=0, indices=ids, shuffle=True))
   assert len(batches) == -(-len(ids) // 64)
   got = np.concatenate([b['label'][b['mask']] for b in batches])
   np.testing.assert_array_equal(np.bincount(got, minlength=10), expected)

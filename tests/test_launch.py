@@ -131,7 +131,7 @@ def test_slurm_missing_settings_stop_with_a_message(script, args, message):
   assert code != 0 and message in err and 'srun' not in out, (out, err)
 
 
-# --- compile check (python -m simclr_jax.compile_check) ----------------------------------------
+# --- compile check (python -m simclr_jax.bench compile_check) ------------------------------
 TINY_MODEL = ['--config=configs/demo.py', '--config.model.width=0.0625',
               '--config.data.image_size=8', '--config.train.batch_size=32']
 
@@ -142,7 +142,7 @@ def _compile_check(tmp_path, topology):
       p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
   env.pop('XLA_FLAGS', None)  # the CLI sets the CPU device count itself
   env.pop('JAX_PLATFORMS', None)
-  proc = subprocess.run([sys.executable, '-m', 'simclr_jax.compile_check', *TINY_MODEL,
+  proc = subprocess.run([sys.executable, '-m', 'simclr_jax.bench', 'compile_check', *TINY_MODEL,
                          f'--topology={topology}', f'--out={out}'], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
   return proc, out
@@ -155,13 +155,13 @@ def _compile_check(tmp_path, topology):
     ('v6e-256', ('v6e', '16x16', 32 * 2**30)), ('v4:2x2x4', ('v4', '2x2x4', 32 * 2**30)),
 ])
 def test_compile_check_topology_names(name, expected):
-  from simclr_jax import compile_check  # pylint: disable=g-import-not-at-top
+  from simclr_jax.bench import compile_check  # pylint: disable=g-import-not-at-top
   assert compile_check.parse_topology(name) == expected
 
 
 @pytest.mark.parametrize('name', ['v4-12', 'v3-8', 'gpu:8'])
 def test_compile_check_unknown_topology_is_an_error(name):
-  from simclr_jax import compile_check  # pylint: disable=g-import-not-at-top
+  from simclr_jax.bench import compile_check  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='--topology'):
     compile_check.parse_topology(name)
 

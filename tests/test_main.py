@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import checkpoint
-from simclr_jax import logging as metric_logging
+from simclr_jax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY = 24, 4
@@ -76,7 +76,7 @@ def test_outputs_exist_and_loss_falls(uninterrupted):
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(STEPS)))
   config = json.load(open(os.path.join(workdir, 'config.json')))
   assert config['train']['steps'] == STEPS and config['data']['source'] == 'demo'
-  rows = metric_logging.read_metrics(str(workdir))
+  rows = metrics.read_metrics(str(workdir))
   assert [r['step'] for r in rows] == list(range(4, STEPS + 1, 4))
   for key in ('loss', 'contrastive_acc', 'contrastive_entropy', 'probe_acc', 'learning_rate',
               'grad_norm', 'images_per_sec', 'step_time'):

@@ -19,8 +19,8 @@ import pytest
 from ml_collections import config_flags
 
 from simclr_jax import checkpoint, optim, parallel, train_step
-from simclr_jax import logging as metric_logging
-from simclr_jax.data import pipeline, sources
+from simclr_jax import metrics
+from simclr_jax.data import host_input, sources
 from simclr_jax.models import simclr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ class _Reference:
     self.config = c = _config()
     self.mesh = parallel.make_mesh(devices)
     self.model = simclr.from_config(c.model, c.data.num_classes)
-    steps_per_epoch = pipeline.steps_per_epoch(c)
+    steps_per_epoch = host_input.steps_per_epoch(c)
     self.tx, lr = optim.make_optimizer(c.optim, c.train.batch_size, steps_per_epoch, STEPS)
     self.step_fn = train_step.make_train_step(self.model, self.tx, lr, c.loss.temperature,
                                               self.mesh)
@@ -133,14 +133,14 @@ class _Reference:
 
   def train(self, state, start, end, process_count):
     """Steps start+1..end on the global batches a `process_count`-process job assembles."""
-    its = [pipeline.train_iterator(self.config, start_step=start, process_index=i,
+    its = [host_input.train_iterator(self.config, start_step=start, process_index=i,
                                    process_count=process_count) for i in range(process_count)]
     losses = {}
     for step in range(start + 1, end + 1):
       parts = [next(it) for it in its]  # process 0's rows first: its devices come first
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-      state, metrics = self.step_fn(state, parallel.host_batch_to_global(batch, self.mesh))
-      losses[step] = float(metrics['loss'])
+      state, out = self.step_fn(state, parallel.host_batch_to_global(batch, self.mesh))
+      losses[step] = float(out['loss'])
     return state, losses
 
 
@@ -176,7 +176,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(two_process_
   # Only process 0 logs progress and writes metrics; each logged step appears once.
   assert f'step {STEPS}/{STEPS}' in out0 and 'Done:' in out0
   assert f'step {STEPS}/{STEPS}' not in out1 and 'Done:' not in out1
-  rows = metric_logging.read_metrics(str(workdir))
+  rows = metrics.read_metrics(str(workdir))
   assert [r['step'] for r in rows] == [2, 4]
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [2, 4]
 
@@ -242,7 +242,7 @@ def test_processes_read_disjoint_shards_covering_the_split(kind, tmp_path):
 
 def test_eval_counts_every_example_once_across_processes():
   config = _config()
-  batches = [list(pipeline.eval_iterator(config, 'test', 64, process_index=i, process_count=2))
+  batches = [list(host_input.eval_iterator(config, 'test', 64, process_index=i, process_count=2))
              for i in (0, 1)]
   assert len(batches[0]) == len(batches[1])  # lockstep: same number of eval steps
   assert sum(int(b['mask'].sum()) for bs in batches for b in bs) == sources.DEMO_TEST_SIZE

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import base
-from simclr_jax.data import augment, sources
+from simclr_jax.data import sources, views_tf
 
 TINY_SIZES = {'train': 25, 'test': 7}
 
@@ -123,7 +123,7 @@ def test_folder_skips_corrupt_files_and_logs(tmp_path, caplog):
   logged = caplog.text
   assert 'bad.jpg' in logged and 'trunc.jpg' in logged
   for e in exs:  # Every kept file decodes to RGB through the view ops.
-    assert augment.eval_view(tf.constant(e['image']), 24).shape == (24, 24, 3)
+    assert views_tf.eval_view(tf.constant(e['image']), 24).shape == (24, 24, 3)
 
 
 def test_folder_error_mode_names_the_file(tmp_path):

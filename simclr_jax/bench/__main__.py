@@ -1,8 +1,8 @@
-"""`python -m simclr_jax.bench <step|input|loss|end_to_end> [flags]`: runs one benchmark sub-command."""
+"""`python -m simclr_jax.bench <step|input|loss|end_to_end|compile_check> [flags]`: one sub-command."""
 import importlib
 import sys
 
-SUBCOMMANDS = ('step', 'input', 'loss', 'end_to_end')
+SUBCOMMANDS = ('step', 'input', 'loss', 'end_to_end', 'compile_check')
 
 
 # Recipe of a sub-command run without --config (the step flag's own default is cifar10).

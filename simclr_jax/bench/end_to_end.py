@@ -20,7 +20,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from simclr_jax import logging as metric_logging
+from simclr_jax import metrics
 from simclr_jax import parallel, pretrain
 from simclr_jax.bench import common, step
 
@@ -55,7 +55,7 @@ def benchmark(config, batch: int, steps: int, log_every: int, warmup: int) -> di
   config.train.checkpoint_every_steps = steps + 1  # only the final save, after the loop
   with tempfile.TemporaryDirectory() as workdir:
     last = pretrain.run(config, workdir)
-    rows = metric_logging.read_metrics(workdir)
+    rows = metrics.read_metrics(workdir)
   e2e = steady_throughput(rows, batch)
   alone = step.benchmark(config, batch, steps, warmup)
   return {

@@ -15,13 +15,17 @@ import tempfile
 import time
 from typing import Any, Iterator
 
+import ml_collections
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
-from configs import base
 from simclr_jax.bench import common
 
 FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/cifar10.py', 'Recipe whose data keys the presets override.',
+    lock_config=True)
 flags.DEFINE_list('preset', ['cifar', 'imagenet'], 'Presets to run: cifar, imagenet.')
 flags.DEFINE_list('augment_on', ['host'], 'Where the views are made: host, split, device.')
 flags.DEFINE_string('out_dir', 'bench_results', 'Where the JSON record goes.')
@@ -48,10 +52,10 @@ def _write_jpegs(root: str, n: int) -> None:
 
 def _config(preset: str, folder: str | None) -> Any:
   """Base config with the preset's data and augment keys."""
-  from simclr_jax.data import augment
-  c = base.get_config()
+  from simclr_jax.data import views_tf
+  c = ml_collections.ConfigDict(_CONFIG.value.to_dict())
   c.train.batch_size = FLAGS.batch_size
-  c.augment.update(augment.PRESETS[preset])
+  c.augment.update(views_tf.PRESETS[preset])
   if preset == 'cifar':
     c.data.source, c.data.image_size = 'demo', 32  # In memory: the digits at 32x32.
   else:
@@ -63,12 +67,13 @@ def _config(preset: str, folder: str | None) -> Any:
 def _host_batches(config: Any) -> Iterator[dict[str, np.ndarray]]:
   """What the host produces per step for config.data.augment_on (numpy, before the transfer)."""
   if config.data.augment_on == 'device':
-    from simclr_jax import device_data, parallel
-    split = device_data.read_split(config.data, config.data.train_split)
-    layout = device_data.make_layout(split.ids, 1)
-    return device_data.index_stream(layout, config, parallel.make_mesh())
-  from simclr_jax.data import pipeline
-  return pipeline.train_iterator(config, process_index=0, process_count=1)
+    from simclr_jax import parallel
+    from simclr_jax.data import device_input
+    split = device_input.read_split(config.data, config.data.train_split)
+    layout = device_input.make_layout(split.ids, 1)
+    return device_input.index_stream(layout, config, parallel.make_mesh())
+  from simclr_jax.data import host_input
+  return host_input.train_iterator(config, process_index=0, process_count=1)
 
 
 def _measure(config: Any) -> dict[str, float]:

@@ -1,12 +1,6 @@
-"""Input pipeline: the only package that imports TensorFlow (DESIGN.md "Shape of the code").
+"""The whole input, by concept: what a view is, its tf.data and JAX implementations, the sources,
+the host and device-resident input streams, and the one seam the pretraining job calls.
 
-TF is used for tf.data and image ops on the host CPU only; hiding accelerators at import keeps it
-from grabbing GPU memory or a TPU that JAX owns.
+TensorFlow is imported only by the modules that run tf.data (views_tf, sources, host_input, via
+tf_cpu), never by this package's __init__.
 """
-import tensorflow as tf
-
-for _kind in ('GPU', 'TPU'):
-  try:
-    tf.config.set_visible_devices([], _kind)
-  except (RuntimeError, ValueError):  # Already initialised, or no such device type.
-    pass

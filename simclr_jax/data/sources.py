@@ -1,4 +1,4 @@
-"""Data sources (DESIGN.md "Shape of the code"): TFDS by name, image folders, the demo digits.
+"""Data sources: TFDS by name, image folders, the demo digits.
 
 Every source yields {'image', 'label', 'index'} for this process's shard only: 'image' is uint8
 [H, W, 3] or encoded JPEG/PNG bytes (decoded later together with the crop), 'label' int32 (-1
@@ -11,11 +11,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
-from simclr_jax import demo_digits
+from simclr_jax.data import demo_digits
+from simclr_jax.data.tf_cpu import tf  # before tensorflow_datasets: hides accelerators from TF
+import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-bad-import-order
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 DEMO_TEST_SIZE = demo_digits.TEST_SIZE

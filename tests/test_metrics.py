@@ -7,11 +7,11 @@ import struct
 import numpy as np
 import pytest
 
-from simclr_jax import logging as slog
+from simclr_jax import metrics
 
 
 def test_writer_writes_jsonl_and_tensorboard(tmp_path):
-  w = slog.MetricWriter(str(tmp_path), enabled=True)
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)
   w.write(100, {'loss': np.float32(5.25), 'acc': 0.5})
   w.write(200, {'loss': 4.0, 'acc': 0.75, 'images_per_sec': 1234})
   w.flush()
@@ -23,7 +23,7 @@ def test_writer_writes_jsonl_and_tensorboard(tmp_path):
   assert all(isinstance(v, float) for r in rows for k, v in r.items() if k != 'step')
   events = glob.glob(str(tmp_path / 'events.out.tfevents*'))
   assert len(events) == 1 and os.path.getsize(events[0]) > 0
-  assert slog.read_metrics(str(tmp_path)) == rows
+  assert metrics.read_metrics(str(tmp_path)) == rows
 
 
 def _read_events(path):
@@ -38,7 +38,7 @@ def _read_events(path):
 
 
 def test_tensorboard_events_hold_the_scalars(tmp_path):
-  w = slog.MetricWriter(str(tmp_path), enabled=True)
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)
   w.write(3, {'loss': 2.5, 'acc': 0.25})
   w.close()
   (path,) = glob.glob(str(tmp_path / 'events.out.tfevents*'))
@@ -48,21 +48,21 @@ def test_tensorboard_events_hold_the_scalars(tmp_path):
 
 
 def test_resumed_run_appends_and_read_metrics_keeps_last_row_per_step(tmp_path):
-  w = slog.MetricWriter(str(tmp_path), enabled=True)
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)
   for step in (100, 200, 300):
     w.write(step, {'loss': float(step)})
   w.close()
-  w = slog.MetricWriter(str(tmp_path), enabled=True)  # restart from a checkpoint at step 200
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)  # restart from a checkpoint at step 200
   w.write(300, {'loss': -1.0})
   w.close()
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 4
-  assert [(r['step'], r['loss']) for r in slog.read_metrics(str(tmp_path))] == [
+  assert [(r['step'], r['loss']) for r in metrics.read_metrics(str(tmp_path))] == [
       (100, 100.0), (200, 200.0), (300, -1.0)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
   workdir = tmp_path / 'wd'
-  w = slog.MetricWriter(str(workdir), enabled=False)
+  w = metrics.MetricWriter(str(workdir), enabled=False)
   w.write(1, {'loss': 1.0})
   w.flush()
   w.close()
@@ -70,38 +70,38 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 
 def test_default_enabled_follows_process_index(tmp_path, monkeypatch):
-  monkeypatch.setattr(slog.jax, 'process_index', lambda: 1)
-  w = slog.MetricWriter(str(tmp_path / 'p1'))
+  monkeypatch.setattr(metrics.jax, 'process_index', lambda: 1)
+  w = metrics.MetricWriter(str(tmp_path / 'p1'))
   w.write(1, {'loss': 1.0})
   w.close()
   assert not (tmp_path / 'p1').exists()
-  monkeypatch.setattr(slog.jax, 'process_index', lambda: 0)
-  w = slog.MetricWriter(str(tmp_path / 'p0'))
+  monkeypatch.setattr(metrics.jax, 'process_index', lambda: 0)
+  w = metrics.MetricWriter(str(tmp_path / 'p0'))
   w.write(1, {'loss': 1.0})
   w.close()
   assert (tmp_path / 'p0' / 'metrics.jsonl').exists()
 
 
 def test_progress_line():
-  line = slog.progress_line(1200, 39000, {'loss': 5.12344, 'acc': 0.412, 'probe_acc': 0.35},
+  line = metrics.progress_line(1200, 39000, {'loss': 5.12344, 'acc': 0.412, 'probe_acc': 0.35},
                             1234.4, 3 * 3600 + 12 * 60 + 5)
   assert line == ('step 1200/39000 (3.1%)  loss 5.1234  acc 0.412  probe_acc 0.35  '
                   '1234 img/s  ETA 3h12m')
-  assert slog.progress_line(1, 10, {}, float('nan'), None) == 'step 1/10 (10.0%)  ETA ?'
+  assert metrics.progress_line(1, 10, {}, float('nan'), None) == 'step 1/10 (10.0%)  ETA ?'
 
 
 @pytest.mark.parametrize('seconds, text', [
     (0, '0s'), (59.4, '59s'), (61, '1m01s'), (3599, '59m59s'), (3600, '1h00m'),
     (11525, '3h12m'), (2 * 86400 + 3 * 3600 + 59, '2d03h'), (None, '?'), (float('inf'), '?')])
 def test_format_duration(seconds, text):
-  assert slog.format_duration(seconds) == text
+  assert metrics.format_duration(seconds) == text
 
 
 def test_step_timer(monkeypatch):
   now, cpu = [1000.0], [7.0]
-  monkeypatch.setattr(slog.time, 'monotonic', lambda: now[0])
-  monkeypatch.setattr(slog.time, 'process_time', lambda: cpu[0])
-  timer = slog.StepTimer(global_batch=512, total_steps=1100, start_step=100)
+  monkeypatch.setattr(metrics.time, 'monotonic', lambda: now[0])
+  monkeypatch.setattr(metrics.time, 'process_time', lambda: cpu[0])
+  timer = metrics.StepTimer(global_batch=512, total_steps=1100, start_step=100)
   now[0] += 20.0  # 100 steps in 20 s, using 30 CPU seconds (two busy threads, say)
   cpu[0] += 30.0
   out = timer.update(200)

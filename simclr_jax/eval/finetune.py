@@ -5,7 +5,7 @@ encoder (whole, or from a chosen block on) by Nesterov-momentum SGD on cross-ent
 cosine schedule, on random-resized-crop + flip views re-drawn every epoch. Trained parts run
 BN in train mode (batch statistics, running averages updated); frozen parts keep their
 parameters and run BN in inference mode. Each epoch sees the examples in a seeded order. The
-label subset is eval_lib.balanced_subset of the
+label subset is balanced_subset of the
 train labels: fixed, seeded and class-balanced.
 """
 from typing import Any, Callable
@@ -17,12 +17,33 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import eval_lib, optim, parallel
-from simclr_jax.data import pipeline, sources
+from simclr_jax import optim, parallel
+from simclr_jax.eval import features
+from simclr_jax.data import host_input, sources
 from simclr_jax.models import resnet, simclr
 
 HEAD = 'head'
 NUM_STAGES = 4  # every ResNet depth in resnet.STAGES has four stages
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of a seeded class-balanced subset: per class round(fraction × count), ≥ 1.
+
+  Rounding is half-up. Each class draws from its own generator seeded by (seed, class), so a
+  class's choice does not depend on which other classes are present.
+  """
+  labels = np.asarray(labels)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'fraction={fraction} must be in (0, 1].')
+  chosen = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    m = min(len(idx), max(1, int(np.floor(fraction * len(idx) + 0.5))))
+    rng = np.random.default_rng([seed, int(c)])
+    chosen.append(rng.choice(idx, size=m, replace=False))
+  if not chosen:
+    return np.zeros((0,), np.int64)
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def is_frozen(name: str, from_block: int) -> bool:
@@ -59,7 +80,7 @@ def label_subset(cfg: ml_collections.ConfigDict, fraction: float, seed: int
   if not len(labels) or labels.min() < 0 or labels.max() >= cfg.data.num_classes:
     raise ValueError(f'split {cfg.data.train_split!r} needs labels in '
                      f'[0, {cfg.data.num_classes}) for fine-tuning.')
-  chosen = eval_lib.balanced_subset(labels, fraction, seed)
+  chosen = balanced_subset(labels, fraction, seed)
   return ids[chosen], labels[chosen]
 
 
@@ -112,7 +133,7 @@ def make_train_step(module: resnet.ResNet, tx: optax.GradientTransformation, mes
   return jax.jit(step, out_shardings=(rep, rep, rep, rep))
 
 
-def make_logits_fn(module: resnet.ResNet, mesh: Mesh) -> eval_lib.FeatureFn:
+def make_logits_fn(module: resnet.ResNet, mesh: Mesh) -> features.FeatureFn:
   """Jitted inference-mode logits of the fine-tuned network, batch sharded on "data"."""
 
   def logits(variables, images):
@@ -139,8 +160,8 @@ def finetune(variables: Any, model_cfg: ml_collections.ConfigDict,
                          simclr.compute_dtype(model_cfg), train_from_stage=from_block)
   ids, _ = label_subset(cfg, fraction, cfg.seed)
   indices = None if fraction >= 1.0 else ids  # 100%: the unfiltered pipeline
-  total = pipeline.num_examples(cfg)
-  steps_per_epoch = pipeline.probe_num_batches(total, ft.batch_size, jax.process_count(),
+  total = host_input.num_examples(cfg)
+  steps_per_epoch = host_input.probe_num_batches(total, ft.batch_size, jax.process_count(),
                                                None if indices is None else len(ids))
   tx = make_optimizer(ft, int(ft.epochs) * steps_per_epoch)
 
@@ -155,7 +176,7 @@ def finetune(variables: Any, model_cfg: ml_collections.ConfigDict,
   opt_state = parallel.replicate(jax.tree.map(np.asarray, tx.init(trained)), mesh)
   step = make_train_step(module, tx, mesh)
   for e in range(int(ft.epochs)):
-    for batch in pipeline.probe_train_iterator(cfg, ft.batch_size, epoch=e,
+    for batch in host_input.probe_train_iterator(cfg, ft.batch_size, epoch=e,
                                                crop_area=tuple(ft.crop_area), flip=ft.flip,
                                                indices=indices, shuffle=True):
       arrays = parallel.host_batch_to_global(
@@ -164,10 +185,10 @@ def finetune(variables: Any, model_cfg: ml_collections.ConfigDict,
 
   tuned = {'params': {**frozen, **trained['encoder']}, 'batch_stats': batch_stats,
            HEAD: trained[HEAD]}
-  logits, labels = eval_lib.extract_features(
+  logits, labels = features.extract_features(
       make_logits_fn(module, mesh), tuned,
-      pipeline.eval_iterator(cfg, cfg.data.eval_split, eval_batch_size), mesh)
-  acc = eval_lib.topk_accuracy(logits, labels)
+      host_input.eval_iterator(cfg, cfg.data.eval_split, eval_batch_size), mesh)
+  acc = features.topk_accuracy(logits, labels)
   results = {'top1': acc['top1'], 'top5': acc['top5'], 'label_fraction': fraction,
              'num_train_examples': int(len(ids)), 'from_block': from_block}
   return results, tuned

@@ -7,10 +7,10 @@ application (`sample_view_params` / `apply_view`) so tests can check the distrib
 import math
 from typing import Any
 
-import tensorflow as tf
+from simclr_jax.data.tf_cpu import tf
 
-# The view's parameters are shared with device_augment (no TF there); re-exported for callers.
-from simclr_jax.view_spec import (  # noqa: F401
+# The view's parameters are shared with views_jax (no TF there); re-exported for callers.
+from simclr_jax.data.views import (  # noqa: F401
     CROP_TRIES, EVAL_CROP_FRACTION, PRESETS, ViewConfig, view_config)
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from configs import base, linear_eval
-from simclr_jax import checkpoint, eval_lib, evaluate, optim, parallel
-from simclr_jax import logging as metric_logging
+from simclr_jax import checkpoint, optim, parallel
+from simclr_jax.eval import features, knn, linear_probe
+from simclr_jax.eval import job as evaluate
+from simclr_jax import metrics
 from simclr_jax import train_step as ts
-from simclr_jax.data import pipeline
+from simclr_jax.data import host_input
 from simclr_jax.models import simclr
 
 DEMO_TRAIN, DEMO_TEST = 1797 - 360, 360
@@ -127,7 +129,7 @@ def test_run_writes_results_and_counts_every_test_example_once(cached_results, p
     assert r['num_test'] == DEMO_TEST
   # Random ResNet features of digits are far above chance (0.1) for both probe and kNN.
   assert written['top1'] > 0.5 and written['knn_top1'] > 0.5
-  rows = metric_logging.read_metrics(workdir)
+  rows = metrics.read_metrics(workdir)
   assert rows[-1]['step'] == STEP
   assert rows[-1]['linear_eval/top1'] == pytest.approx(written['top1'])
   assert 'linear_eval/baseline_top1' in rows[-1]
@@ -172,12 +174,12 @@ def test_probe_train_views_cover_every_example_once_and_change_per_epoch():
   cfg = _pretrain_config()
 
   def epoch(e):
-    batches = list(pipeline.probe_train_iterator(cfg, 64, epoch=e, crop_area=(0.3, 1.0)))
+    batches = list(host_input.probe_train_iterator(cfg, 64, epoch=e, crop_area=(0.3, 1.0)))
     return {k: np.concatenate([b[k] for b in batches]) for k in ('image', 'label', 'mask')}
 
   first, again, second = epoch(0), epoch(0), epoch(1)
   eval_labels = np.concatenate([b['label'][b['mask']]
-                                for b in pipeline.eval_iterator(cfg, 'train', 64)])
+                                for b in host_input.eval_iterator(cfg, 'train', 64)])
   assert first['mask'].sum() == DEMO_TRAIN  # 1437 = 22 * 64 + 29: the last batch is padded
   np.testing.assert_array_equal(first['label'][first['mask']], eval_labels)
   np.testing.assert_array_equal(first['image'], again['image'])  # an epoch is reproducible
@@ -240,12 +242,12 @@ def test_bad_config_values_name_the_key(key, value, tmp_path):
 
 def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
   _, model, _, variables = evaluate.restore_encoder(pretrain[0], -1, mesh)
-  feats, labels = eval_lib.extract_features(
+  feats, labels = features.extract_features(
       evaluate.make_feature_fn(model, mesh, 'h'), variables,
-      pipeline.eval_iterator(_pretrain_config(), 'test', 64), mesh)
+      host_input.eval_iterator(_pretrain_config(), 'test', 64), mesh)
   assert feats.shape == (DEMO_TEST, 32) and labels.shape == (DEMO_TEST,)
   # Independent check: the first test batch through the model with the saved numpy variables.
-  images = next(pipeline.eval_iterator(_pretrain_config(), 'test', 64))['image']
+  images = next(host_input.eval_iterator(_pretrain_config(), 'test', 64))['image']
   with jax.default_device(jax.devices()[0]):
     expected = jax.jit(lambda v, x: model.apply(v, x, train=False)['h'])(pretrain[1], images)
   np.testing.assert_allclose(feats[:64], expected, rtol=1e-4, atol=1e-4)

@@ -18,14 +18,14 @@ import pytest
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simclr_jax import device_augment as da
-from simclr_jax import view_spec
-from simclr_jax.data import augment
+from simclr_jax.data import views_jax as da
+from simclr_jax.data import views
+from simclr_jax.data import views_tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4000  # Draws per distribution test; tolerances below are derived from it.
-IMAGENET = view_spec.ViewConfig(size=16, **view_spec.PRESETS['imagenet'])  # Every op on.
-CIFAR = view_spec.ViewConfig(size=32, **view_spec.PRESETS['cifar'])
+IMAGENET = views.ViewConfig(size=16, **views.PRESETS['imagenet'])  # Every op on.
+CIFAR = views.ViewConfig(size=32, **views.PRESETS['cifar'])
 
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 view_keys = jit(da.view_keys)
@@ -139,7 +139,7 @@ def test_grayscale_matches_tf():
 @pytest.mark.parametrize('sigma,kernel', [(0.7, 3), (1.9, 7)])
 def test_blur_matches_tf(sigma, kernel):
   x = np.random.default_rng(2).uniform(0, 1, (16, 12, 3)).astype(np.float32)
-  ref = augment.gaussian_blur(tf.constant(x), tf.constant(sigma), kernel).numpy()
+  ref = views_tf.gaussian_blur(tf.constant(x), tf.constant(sigma), kernel).numpy()
   np.testing.assert_allclose(gaussian_blur(x, jnp.float32(sigma), kernel), ref, atol=1e-6,
                              rtol=0)
 
@@ -151,16 +151,16 @@ def test_blur_matches_tf(sigma, kernel):
     dict(jitter=True, brightness=0.5, contrast=1.7, saturation=0.2, hue=-0.15,
          order=[1, 3, 2, 0])])
 def test_apply_view_matches_tf_at_fixed_params(kw):
-  """The whole view (crop, flip, jitter in a given order, grayscale, blur) vs augment.apply_view."""
-  cfg = view_spec.ViewConfig(size=24, blur=True)
+  """The whole view (crop, flip, jitter in a given order, grayscale, blur) vs views_tf.apply_view."""
+  cfg = views.ViewConfig(size=24, blur=True)
   img = _image(30, 26)
-  p = dict(crop_seed=augment.view_seed(0, 0, 5, 0), flip=False, jitter=False, brightness=1.0,
+  p = dict(crop_seed=views_tf.view_seed(0, 0, 5, 0), flip=False, jitter=False, brightness=1.0,
            contrast=1.0, saturation=1.0, hue=0.0, order=[0, 1, 2, 3], grayscale=False,
            blur=False, sigma=1.0)
   p.update(kw)
   tf_p = {k: tf.constant(v) for k, v in p.items()}
-  ref = augment.apply_view(tf.constant(img), tf_p, cfg).numpy()
-  window = augment.sample_crop_window(p['crop_seed'], tf.constant(img.shape), cfg.crop_area,
+  ref = views_tf.apply_view(tf.constant(img), tf_p, cfg).numpy()
+  window = views_tf.sample_crop_window(p['crop_seed'], tf.constant(img.shape), cfg.crop_area,
                                       cfg.crop_aspect)
   jax_p = {k: jnp.asarray(v.numpy()) for k, v in tf_p.items() if k != 'crop_seed'}
   jax_p['window'] = jnp.asarray(window.numpy())
@@ -181,8 +181,8 @@ def params():
   shape = tf.constant([SIDE, SIDE, 3])
 
   def tf_params(i):
-    p = augment.sample_view_params(augment.view_seed(1, 0, i, 0), IMAGENET)
-    p['window'] = augment.sample_crop_window(p.pop('crop_seed'), shape, IMAGENET.crop_area,
+    p = views_tf.sample_view_params(views_tf.view_seed(1, 0, i, 0), IMAGENET)
+    p['window'] = views_tf.sample_crop_window(p.pop('crop_seed'), shape, IMAGENET.crop_area,
                                              IMAGENET.crop_aspect)
     return p
 
@@ -249,7 +249,7 @@ def test_order_is_a_uniform_permutation(params):
 
 
 def test_jittered_view_statistics_match_tf():
-  """Per-channel mean/std of whole views over many draws agree with augment.train_view."""
+  """Per-channel mean/std of whole views over many draws agree with views_tf.train_view."""
   n, cfg = 2000, dataclasses.replace(IMAGENET, jitter_prob=1.0)
   # Colour gradients plus noise: crops, flips and every colour op move the statistics.
   yy, xx = np.mgrid[:24, :20] / 24.0
@@ -259,8 +259,8 @@ def test_jittered_view_statistics_match_tf():
   which = np.arange(n) % len(imgs)
   ours = np.asarray(train_views(imgs[which], _keys(seed=3)[:n], cfg))  # _keys' compiled shape.
   tf_imgs = tf.constant(imgs)
-  ref = _tf_draw(lambda i: augment.train_view(tf_imgs[i % len(imgs)],
-                                              augment.view_seed(3, 0, i, 0), cfg), n)
+  ref = _tf_draw(lambda i: views_tf.train_view(tf_imgs[i % len(imgs)],
+                                              views_tf.view_seed(3, 0, i, 0), cfg), n)
   for i in range(len(imgs)):
     a, b = ours[which == i], ref[which == i]
     for stat in ('mean', 'std'):  # Of each view's channel, over its pixels: n/2 values per side.
@@ -271,7 +271,7 @@ def test_jittered_view_statistics_match_tf():
 
 # --- Purity, ranges and sharding. -------------------------------------------------------------
 
-PURITY_CFG = view_spec.ViewConfig(size=16, blur=True, jitter_strength=1.0)
+PURITY_CFG = views.ViewConfig(size=16, blur=True, jitter_strength=1.0)
 
 
 def test_view_keys_depend_only_on_seed_epoch_index_view():

@@ -10,9 +10,9 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 
-from simclr_jax.data import augment, sources
+from simclr_jax.data import sources, views_tf
+from simclr_jax.data.tf_cpu import tf
 
 _MAX_EPOCHS = 2**40  # "forever"; tf.data.Dataset.range needs an end.
 
@@ -48,7 +48,7 @@ def train_dataset(config: Any, *, start_step: int = 0, process_index: int | None
 
   With config.data.augment_on='split' the views are only decoded, cropped, resized and flipped
   (the same crop and flip as 'host' for the same seeds); colour jitter, grayscale and blur run in
-  the train step (device_data.split_prepare), which needs each example's 'epoch' and 'index'
+  the train step (device_input.split_prepare), which needs each example's 'epoch' and 'index'
   (int32), yielded as well.
   """
   pi, pc = _procs(process_index, process_count)
@@ -62,19 +62,19 @@ def train_dataset(config: Any, *, start_step: int = 0, process_index: int | None
 
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
     # Fixed per-epoch order (reshuffle off, seed from (seed, e)) makes epoch e reproducible alone.
-    order_seed = tf.cast(augment.view_seed(seed, e, -1, -1)[0], tf.int64)
+    order_seed = tf.cast(views_tf.view_seed(seed, e, -1, -1)[0], tf.int64)
     shuffled = ds.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
     return shuffled.map(lambda ex: dict(ex, epoch=e))
 
   stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(skip)
-  cfg = augment.view_config(config)
+  cfg = views_tf.view_config(config)
   split = config.data.augment_on == 'split'
   if split:  # Probabilities of 0 switch jitter and grayscale off; crop/flip draws are unchanged.
     cfg = dataclasses.replace(cfg, jitter_prob=0.0, grayscale_prob=0.0, blur=False)
 
   def two_views(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    views = {f'view{v + 1}': augment.train_view(
-        ex['image'], augment.view_seed(seed, ex['epoch'], ex['index'], v), cfg) for v in (0, 1)}
+    views = {f'view{v + 1}': views_tf.train_view(
+        ex['image'], views_tf.view_seed(seed, ex['epoch'], ex['index'], v), cfg) for v in (0, 1)}
     if split:
       views.update(epoch=tf.cast(ex['epoch'], tf.int32), index=tf.cast(ex['index'], tf.int32))
     return dict(views, label=ex['label'])
@@ -102,7 +102,7 @@ def eval_dataset(config: Any, split: str, batch_size: int, *, process_index: int
   src = sources.load(config.data, split, process_index=pi, process_count=pc)
   num_batches = -(-(-(-src.num_examples_total // pc)) // batch)
   size = config.data.image_size
-  ds = src.ds.map(lambda ex: {'image': augment.eval_view(ex['image'], size),
+  ds = src.ds.map(lambda ex: {'image': views_tf.eval_view(ex['image'], size),
                               'label': ex['label'], 'mask': True},
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
@@ -139,12 +139,12 @@ def probe_train_dataset(config: Any, batch_size: int, *, epoch: int,
                                   None if indices is None else len(indices))
   size = config.data.image_size
   # Jitter and grayscale probabilities of 0 switch those ops off: crop + flip only.
-  cfg = augment.ViewConfig(size=size, crop_area=tuple(crop_area), flip=flip, jitter_prob=0.0,
+  cfg = views_tf.ViewConfig(size=size, crop_area=tuple(crop_area), flip=flip, jitter_prob=0.0,
                            grayscale_prob=0.0, blur=False)
   seed = config.seed
 
   def view(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = augment.train_view(ex['image'], augment.view_seed(seed, epoch, ex['index'], 0), cfg)
+    image = views_tf.train_view(ex['image'], views_tf.view_seed(seed, epoch, ex['index'], 0), cfg)
     return {'image': image, 'label': ex['label'], 'mask': True}
 
   ds = src.ds
@@ -156,7 +156,7 @@ def probe_train_dataset(config: Any, batch_size: int, *, epoch: int,
     ds = ds.filter(lambda ex: tf.logical_and(
         ex['index'] < len(keep), tf.gather(keep_t, tf.minimum(ex['index'], len(keep) - 1))))
   if shuffle:
-    order_seed = int(augment.view_seed(seed, epoch, -1, -1)[0].numpy())
+    order_seed = int(views_tf.view_seed(seed, epoch, -1, -1)[0].numpy())
     ds = ds.shuffle(max(min(config.data.shuffle_buffer, src.num_examples), 1), seed=order_seed,
                     reshuffle_each_iteration=False)
   ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

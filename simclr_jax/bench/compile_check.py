@@ -1,7 +1,7 @@
 """Compiles a recipe's pretraining step for a TPU slice (or local CPU devices) without running it.
 
-  python -m simclr_jax.compile_check --config=configs/imagenet.py --topology=v4-32
-  python -m simclr_jax.compile_check --config=configs/demo.py --topology=cpu:8
+  python -m simclr_jax.bench compile_check --config=configs/imagenet.py --topology=v4-32
+  python -m simclr_jax.bench compile_check --config=configs/demo.py --topology=cpu:8
 
 Lowers and compiles `train_step.make_train_step` on abstract inputs (no data, no parameters in
 memory) for a mesh over the slice's devices, and prints per-device memory (arguments, outputs,
@@ -171,7 +171,7 @@ def _format(figures: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str]) -> None:
+def _run(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   config, topology = _CONFIG.value, _TOPOLOGY.value
@@ -199,7 +199,12 @@ def main(argv: list[str]) -> None:
   print(f'wrote {out}')
 
 
-if __name__ == '__main__':
+def main(argv: list[str]) -> None:
+  """Entry point used by simclr_jax.bench.__main__ (argv[0] is the program name)."""
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # no GCE metadata server off Cloud TPU VMs
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main)
+  app.run(_run, argv=argv)
+
+
+if __name__ == '__main__':
+  main(sys.argv)

@@ -1,6 +1,6 @@
 """SimCLR view ops in JAX (DESIGN.md "views"): pure functions of (image, key), vmapped per example.
 
-The same distributions as the tf.data ops in data/augment.py (not the same random numbers), for
+The same distributions as the tf.data ops in data/views_tf.py (not the same random numbers), for
 making views inside the jitted step: whole views of a device-resident uint8 data set
 (config.data.augment_on='device'), or only the colour half of views that tf.data cropped and
 flipped ('split'). Deterministic ops reproduce their TF counterparts to float rounding. Nothing
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simclr_jax.view_spec import CROP_TRIES, ViewConfig
+from simclr_jax.data.views import CROP_TRIES, ViewConfig
 
 # Full f32 matmuls: GPUs and TPUs otherwise round the inputs to TF32 / bf16. On an H100 the
 # default precision put crop_resize 1e-3 away from TF; HIGHEST keeps it within 4e-7.
@@ -47,7 +47,7 @@ def view_keys(seed: int, epoch: jax.Array, index: jax.Array, view: int) -> jax.A
 def sample_crop_window(key: jax.Array, height: int | jax.Array, width: int | jax.Array,
                        area: tuple[float, float], aspect: tuple[float, float],
                        tries: int = CROP_TRIES) -> jax.Array:
-  """Random-resized-crop window int32 [y, x, h, w]: augment.sample_crop_window's algorithm.
+  """Random-resized-crop window int32 [y, x, h, w]: views_tf.sample_crop_window's algorithm.
 
   `tries` (area fraction, log-aspect) pairs at once, the first that fits, else the whole image.
   """
@@ -204,7 +204,7 @@ def grayscale(x: jax.Array) -> jax.Array:
 
 
 def gaussian_blur(x: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
-  """augment.gaussian_blur: separable Gaussian (official SimCLR kernel, zero padding) of [H, W, C].
+  """views_tf.gaussian_blur: separable Gaussian (official SimCLR kernel, zero padding) of [H, W, C].
 
   Each 1-D pass is a matmul with a banded matrix, which needs no per-example convolution kernel.
   """

@@ -5,9 +5,9 @@ every device when it is at most config.data.device_replicate_max_mb, else sharde
 The host sends only indices: step k's batch is a pure function of (config.seed, k), an epoch
 permutation seeded by (seed, epoch), so a restart at step k continues exactly. Inside the jitted
 step, `device_prepare` gathers the examples (each device from its own shard) and makes both views
-with device_augment, keyed by (seed, epoch, example id, view).
+with views_jax, keyed by (seed, epoch, example id, view).
 
-'split': tf.data crops, resizes and flips (data/pipeline.py); `split_prepare` adds colour jitter,
+'split': tf.data crops, resizes and flips (data/host_input.py); `split_prepare` adds colour jitter,
 grayscale and blur in the step, keyed by (seed, epoch, example id, view).
 
 The demo source is read without TensorFlow (demo_digits.py); 'tfds' and 'folder' sources are read
@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from simclr_jax import demo_digits, device_augment, parallel, view_spec
+from simclr_jax import parallel
+from simclr_jax.data import demo_digits, views, views_jax
 
 AUGMENT_ON = ('host', 'split', 'device')
 _SOURCES = ('demo', 'tfds', 'folder')
@@ -204,12 +205,12 @@ def gather(arrays: dict[str, jax.Array], index: jax.Array, mesh: Mesh,
 
 def device_prepare(config: Any, mesh: Mesh, layout: Layout):
   """The 'device' prepare for train_step: (index batch, data set arrays) → views and labels."""
-  cfg, seed = view_spec.view_config(config), int(config.seed)
+  cfg, seed = views.view_config(config), int(config.seed)
 
   def prepare(batch: dict[str, jax.Array], data: dict[str, jax.Array]) -> dict[str, jax.Array]:
     examples = gather(data, batch['index'], mesh, layout.sharded)
-    views = {f'view{v + 1}': device_augment.train_views(
-        examples['image'], device_augment.view_keys(seed, batch['epoch'], batch['example_id'], v),
+    views = {f'view{v + 1}': views_jax.train_views(
+        examples['image'], views_jax.view_keys(seed, batch['epoch'], batch['example_id'], v),
         cfg) for v in (0, 1)}
     return dict(views, label=examples['label'])
   return prepare
@@ -217,12 +218,12 @@ def device_prepare(config: Any, mesh: Mesh, layout: Layout):
 
 def split_prepare(config: Any):
   """The 'split' prepare: cropped, flipped host views → colour jitter, grayscale, blur."""
-  cfg, seed = view_spec.view_config(config), int(config.seed)
+  cfg, seed = views.view_config(config), int(config.seed)
 
   def prepare(batch: dict[str, jax.Array], data: None) -> dict[str, jax.Array]:
     del data
-    views = {k: device_augment.finish_views(
-        batch[k], device_augment.view_keys(seed, batch['epoch'], batch['index'], v), cfg)
+    views = {k: views_jax.finish_views(
+        batch[k], views_jax.view_keys(seed, batch['epoch'], batch['index'], v), cfg)
         for v, k in enumerate(('view1', 'view2'))}
     return dict(views, label=batch['label'])
   return prepare

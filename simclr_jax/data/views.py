@@ -1,7 +1,7 @@
 """What a SimCLR view is (DESIGN.md "views"): its parameters, shared by both implementations.
 
 A train view is a random resized crop, resized to `size`, then a random flip, colour jitter,
-grayscale and blur. `data/augment.py` makes views with tf.data on the host, `device_augment.py`
+grayscale and blur. `data/views_tf.py` makes views with tf.data on the host, `views_jax.py`
 with JAX on the accelerator; both read the same `ViewConfig`, so neither imports the other (and
 this module imports neither TensorFlow nor JAX).
 """

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import eval_lib
+from simclr_jax.eval import features, finetune, knn, linear_probe
 from simclr_jax import parallel
 from simclr_jax.models import simclr
 
@@ -25,9 +25,9 @@ def test_linear_probe_separates_separable_features():
   centres = rng.normal(size=(num_classes, dim)) * 3.0 + 5.0  # offset: standardisation matters
   x_train, y_train = _blobs(rng, 2000, num_classes, dim, centres)
   x_test, y_test = _blobs(rng, 1000, num_classes, dim, centres)
-  params = eval_lib.train_linear_probe(x_train, y_train, num_classes, epochs=10, batch_size=128,
+  params = linear_probe.train_linear_probe(x_train, y_train, num_classes, epochs=10, batch_size=128,
                                        learning_rate=0.1, seed=0)
-  logits = np.asarray(eval_lib.predict_linear_probe(params, x_test))
+  logits = np.asarray(linear_probe.predict_linear_probe(params, x_test))
   assert np.mean(logits.argmax(1) == y_test) >= 0.99
   # The standardisation stats travel with the params and are the train set's.
   np.testing.assert_allclose(params['mean'], x_train.mean(0), rtol=1e-5, atol=1e-4)
@@ -40,10 +40,10 @@ def test_linear_probe_nesterov_and_weight_decay_separates_linear_map_labels():
   w = rng.normal(size=(dim, num_classes))
   x = rng.normal(size=(3000, dim)).astype(np.float32)
   y = (x @ w).argmax(1).astype(np.int32)
-  params = eval_lib.train_linear_probe(x[:2000], y[:2000], num_classes, epochs=30,
+  params = linear_probe.train_linear_probe(x[:2000], y[:2000], num_classes, epochs=30,
                                        batch_size=100, learning_rate=1.0, nesterov=True,
                                        weight_decay=1e-6, seed=3)
-  logits = np.asarray(eval_lib.predict_linear_probe(params, x[2000:]))
+  logits = np.asarray(linear_probe.predict_linear_probe(params, x[2000:]))
   # Labels from an exact linear map: a linear probe gets nearly all of them.
   assert np.mean(logits.argmax(1) == y[2000:]) >= 0.97
 
@@ -55,12 +55,12 @@ def test_linear_probe_stays_at_chance_on_random_labels():
   y_train = rng.integers(0, num_classes, 1000)
   x_test = rng.normal(size=(n_test, dim)).astype(np.float32)
   y_test = rng.integers(0, num_classes, n_test)
-  params = eval_lib.train_linear_probe(x_train, y_train, num_classes, epochs=20, batch_size=100,
+  params = linear_probe.train_linear_probe(x_train, y_train, num_classes, epochs=20, batch_size=100,
                                        learning_rate=0.5, seed=0)
   # It can memorise the training set a little, but learns nothing that transfers.
-  train_acc = np.mean(np.asarray(eval_lib.predict_linear_probe(params, x_train)).argmax(1)
+  train_acc = np.mean(np.asarray(linear_probe.predict_linear_probe(params, x_train)).argmax(1)
                       == y_train)
-  test_acc = np.mean(np.asarray(eval_lib.predict_linear_probe(params, x_test)).argmax(1)
+  test_acc = np.mean(np.asarray(linear_probe.predict_linear_probe(params, x_test)).argmax(1)
                      == y_test)
   p = 1 / num_classes
   assert abs(test_acc - p) < 4 * np.sqrt(p * (1 - p) / n_test)
@@ -72,9 +72,9 @@ def test_linear_probe_is_deterministic_given_seed():
   x = rng.normal(size=(300, 8)).astype(np.float32)
   y = rng.integers(0, 3, 300)
   kw = dict(epochs=2, batch_size=32, learning_rate=0.1)
-  a = eval_lib.train_linear_probe(x, y, 3, seed=5, **kw)
-  b = eval_lib.train_linear_probe(x, y, 3, seed=5, **kw)
-  c = eval_lib.train_linear_probe(x, y, 3, seed=6, **kw)
+  a = linear_probe.train_linear_probe(x, y, 3, seed=5, **kw)
+  b = linear_probe.train_linear_probe(x, y, 3, seed=5, **kw)
+  c = linear_probe.train_linear_probe(x, y, 3, seed=6, **kw)
   np.testing.assert_array_equal(a['kernel'], b['kernel'])
   assert not np.allclose(a['kernel'], c['kernel'])
 
@@ -93,7 +93,7 @@ def test_topk_accuracy_matches_numpy_reference(num_classes):
   rng = np.random.default_rng(num_classes)
   logits = rng.normal(size=(500, num_classes)).astype(np.float32)
   labels = rng.integers(0, num_classes, 500)
-  got = eval_lib.topk_accuracy(logits, labels)
+  got = features.topk_accuracy(logits, labels)
   assert set(got) == {'top1', 'top5'}
   assert got['top1'] == pytest.approx(_topk_reference(logits, labels, 1))
   assert got['top5'] == pytest.approx(_topk_reference(logits, labels, min(5, num_classes)))
@@ -103,11 +103,11 @@ def test_topk_accuracy_matches_numpy_reference(num_classes):
 
 def test_topk_accuracy_simple_case():
   logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.15, 0.1], [0.2, 0.3, 0.5]])
-  got = eval_lib.topk_accuracy(logits, np.array([1, 2, 1]), ks=(1, 2))
+  got = features.topk_accuracy(logits, np.array([1, 2, 1]), ks=(1, 2))
   assert got == {'top1': pytest.approx(1 / 3), 'top2': pytest.approx(2 / 3)}
   # A tie with the label counts in the example's favour.
   tied = np.array([[0.8, 0.1, 0.1]])
-  assert eval_lib.topk_accuracy(tied, np.array([2]), ks=(1, 2)) == {'top1': 0.0, 'top2': 1.0}
+  assert features.topk_accuracy(tied, np.array([2]), ks=(1, 2)) == {'top1': 0.0, 'top2': 1.0}
 
 
 # --- kNN -----------------------------------------------------------------------------------------
@@ -134,14 +134,14 @@ def test_knn_matches_numpy_reference(k, batch_size):
   train_labels = rng.integers(0, num_classes, 120)
   test = rng.normal(size=(37, 12)).astype(np.float32)  # 37: the last chunk is partial
   test_labels = rng.integers(0, num_classes, 37)
-  got = eval_lib.knn_predict(train, train_labels, test, num_classes, k=k, temperature=0.1,
+  got = knn.knn_predict(train, train_labels, test, num_classes, k=k, temperature=0.1,
                              batch_size=batch_size)
   want = _knn_reference(train.astype(np.float64), train_labels, test.astype(np.float64),
                         num_classes, k, 0.1)
   assert got.shape == (37, num_classes)
   np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  acc = eval_lib.knn_accuracy(train, train_labels, test, test_labels, num_classes, k=k,
+  acc = knn.knn_accuracy(train, train_labels, test, test_labels, num_classes, k=k,
                               temperature=0.1, batch_size=batch_size)
   assert acc['top1'] == pytest.approx(np.mean(want.argmax(1) == test_labels))
   assert acc['top5'] == 1.0  # 5 classes
@@ -152,7 +152,7 @@ def test_knn_classifies_blobs():
   centres = rng.normal(size=(4, 16)) * 4
   x_train, y_train = _blobs(rng, 400, 4, 16, centres)
   x_test, y_test = _blobs(rng, 100, 4, 16, centres)
-  assert eval_lib.knn_accuracy(x_train, y_train, x_test, y_test, 4, k=20)['top1'] >= 0.99
+  assert knn.knn_accuracy(x_train, y_train, x_test, y_test, 4, k=20)['top1'] >= 0.99
 
 
 # --- feature extraction --------------------------------------------------------------------------
@@ -204,12 +204,12 @@ def test_extract_features_drops_padding_and_matches_single_device(devices):
   variables = _random_variables(model, (8, 8, 3), seed=0)
 
   mesh8 = parallel.make_mesh(devices)
-  feats8, labels8 = eval_lib.extract_features(
-      eval_lib.make_feature_fn(model, mesh8), variables,
+  feats8, labels8 = features.extract_features(
+      features.make_feature_fn(model, mesh8), variables,
       _padded_batches(images, labels, batch_size), mesh8)
   mesh1 = parallel.make_mesh(jax.devices()[:1])
-  feats1, labels1 = eval_lib.extract_features(
-      eval_lib.make_feature_fn(model, mesh1), variables,
+  feats1, labels1 = features.extract_features(
+      features.make_feature_fn(model, mesh1), variables,
       _padded_batches(images, labels, batch_size), mesh1)
 
   apply_h = jax.jit(lambda v, x: model.apply(v, x, train=False)['h'])
@@ -231,15 +231,15 @@ def test_balanced_subset():
   rng = np.random.default_rng(0)
   counts = {0: 100, 1: 40, 2: 7, 3: 1}
   labels = rng.permutation(np.concatenate([np.full(c, k) for k, c in counts.items()]))
-  sub = eval_lib.balanced_subset(labels, 0.1, seed=0)
+  sub = finetune.balanced_subset(labels, 0.1, seed=0)
   per_class = {k: int(np.sum(labels[sub] == k)) for k in counts}
   assert per_class == {0: 10, 1: 4, 2: 1, 3: 1}  # round(0.7) = 1; at least 1 for class 3
   assert len(np.unique(sub)) == len(sub)
-  np.testing.assert_array_equal(sub, eval_lib.balanced_subset(labels, 0.1, seed=0))
-  assert not np.array_equal(sub, eval_lib.balanced_subset(labels, 0.1, seed=1))
-  np.testing.assert_array_equal(eval_lib.balanced_subset(labels, 1.0, seed=3),
+  np.testing.assert_array_equal(sub, finetune.balanced_subset(labels, 0.1, seed=0))
+  assert not np.array_equal(sub, finetune.balanced_subset(labels, 0.1, seed=1))
+  np.testing.assert_array_equal(finetune.balanced_subset(labels, 1.0, seed=3),
                                 np.arange(len(labels)))
-  half = eval_lib.balanced_subset(labels, 0.5, seed=0)
+  half = finetune.balanced_subset(labels, 0.5, seed=0)
   assert {k: int(np.sum(labels[half] == k)) for k in counts} == {0: 50, 1: 20, 2: 4, 3: 1}
   with pytest.raises(ValueError):
-    eval_lib.balanced_subset(labels, 0.0, seed=0)
+    finetune.balanced_subset(labels, 0.0, seed=0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_jax.data import augment
+from simclr_jax.data import views_tf
 
 N = 4000
 
@@ -25,8 +25,8 @@ def _reference_crop(n, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), rng=np.random.de
 
 def test_crop_window_distribution():
   side = 1000  # Large, so pixel rounding is negligible against the tolerances.
-  w = _draw(lambda i: augment.sample_crop_window(
-      augment.view_seed(0, 0, i, 0), tf.constant([side, side, 3]), (0.08, 1.0), (3 / 4, 4 / 3)))
+  w = _draw(lambda i: views_tf.sample_crop_window(
+      views_tf.view_seed(0, 0, i, 0), tf.constant([side, side, 3]), (0.08, 1.0), (3 / 4, 4 / 3)))
   y, x, h, wd = w.T
   assert (y >= 0).all() and (x >= 0).all() and (y + h <= side).all() and (x + wd <= side).all()
   area, aspect = h * wd / side**2, wd / h
@@ -43,17 +43,17 @@ def test_crop_window_distribution():
 
 
 def test_crop_falls_back_to_whole_image():
-  w = augment.sample_crop_window(augment.view_seed(0, 0, 0, 0), tf.constant([40, 30, 3]),
+  w = views_tf.sample_crop_window(views_tf.view_seed(0, 0, 0, 0), tf.constant([40, 30, 3]),
                                  (1.5, 2.0), (3 / 4, 4 / 3))
   np.testing.assert_array_equal(w, [0, 0, 40, 30])
 
 
 def _params(cfg, n=N):
-  return _draw(lambda i: augment.sample_view_params(augment.view_seed(1, 2, i, 0), cfg), n)
+  return _draw(lambda i: views_tf.sample_view_params(views_tf.view_seed(1, 2, i, 0), cfg), n)
 
 
 def test_param_rates_and_ranges():
-  cfg = augment.ViewConfig(size=224, **augment.PRESETS['imagenet'])
+  cfg = views_tf.ViewConfig(size=224, **views_tf.PRESETS['imagenet'])
   p = _params(cfg)
   for key, rate in (('flip', 0.5), ('jitter', 0.8), ('grayscale', 0.2), ('blur', 0.5)):
     assert abs(p[key].mean() - rate) < 0.03, key
@@ -67,7 +67,7 @@ def test_param_rates_and_ranges():
 
 
 def test_cifar_preset_has_no_blur_and_weaker_jitter():
-  p = _params(augment.ViewConfig(size=32, **augment.PRESETS['cifar']), 1000)
+  p = _params(views_tf.ViewConfig(size=32, **views_tf.PRESETS['cifar']), 1000)
   assert not p['blur'].any()
   assert p['brightness'].min() >= 0.6 - 1e-6 and p['brightness'].max() <= 1.4 + 1e-6
   assert np.abs(p['hue']).max() <= 0.1
@@ -78,7 +78,7 @@ def _image(h=48, w=40, seed=0):
 
 
 def _fixed_params(**kw):
-  p = dict(crop_seed=augment.view_seed(0, 0, 0, 0), flip=False, jitter=False, brightness=1.0,
+  p = dict(crop_seed=views_tf.view_seed(0, 0, 0, 0), flip=False, jitter=False, brightness=1.0,
            contrast=1.0, saturation=1.0, hue=0.0, order=[0, 1, 2, 3], grayscale=False,
            blur=False, sigma=1.0)
   p.update(kw)
@@ -87,17 +87,17 @@ def _fixed_params(**kw):
 
 def _reference_crop_resize(img, p, cfg):
   """numpy crop at the sampled window, then resize: checks the view's first stage."""
-  y, x, h, w = augment.sample_crop_window(p['crop_seed'], tf.constant(img.shape), cfg.crop_area,
+  y, x, h, w = views_tf.sample_crop_window(p['crop_seed'], tf.constant(img.shape), cfg.crop_area,
                                           cfg.crop_aspect).numpy()
   crop = img[y:y + h, x:x + w].astype(np.float32) / 255
   return np.clip(tf.image.resize(crop, [cfg.size, cfg.size], 'bicubic').numpy(), 0, 1)
 
 
 def test_apply_view_stages_match_numpy():
-  cfg = augment.ViewConfig(size=24)
+  cfg = views_tf.ViewConfig(size=24)
   img = _image()
   base = _reference_crop_resize(img, _fixed_params(), cfg)
-  view = lambda **kw: augment.apply_view(tf.constant(img), _fixed_params(**kw), cfg).numpy()
+  view = lambda **kw: views_tf.apply_view(tf.constant(img), _fixed_params(**kw), cfg).numpy()
   np.testing.assert_allclose(view(), base, atol=1e-5)
   np.testing.assert_allclose(view(flip=True), base[:, ::-1], atol=1e-5)
   np.testing.assert_allclose(view(jitter=True, brightness=1.5), np.clip(base * 1.5, 0, 1),
@@ -110,9 +110,9 @@ def test_apply_view_stages_match_numpy():
 
 
 def test_blur_lowers_high_frequencies():
-  cfg = augment.ViewConfig(size=64, blur=True)
+  cfg = views_tf.ViewConfig(size=64, blur=True)
   x = tf.constant(_image(64, 64).astype(np.float32) / 255)
-  blurred = augment.gaussian_blur(x, tf.constant(1.5), cfg.size // 10).numpy()
+  blurred = views_tf.gaussian_blur(x, tf.constant(1.5), cfg.size // 10).numpy()
   energy = lambda a: (np.diff(a[8:-8, 8:-8], axis=0)**2).mean()  # Interior: no padding effect.
   assert energy(blurred) < 0.2 * energy(x.numpy())
   np.testing.assert_allclose(blurred[8:-8, 8:-8].mean(), x.numpy()[8:-8, 8:-8].mean(), atol=0.01)
@@ -129,8 +129,8 @@ def test_train_view_shapes_range_and_determinism(encode):
   img = _image(60, 90)
   inputs = {'raw': tf.constant(img), 'jpeg': tf.io.encode_jpeg(img),
             'png': tf.io.encode_png(img), 'gray_jpeg': tf.io.encode_jpeg(img[..., :1])}[encode]
-  cfg = augment.ViewConfig(size=32, blur=True)
-  view = lambda e, v: augment.train_view(inputs, augment.view_seed(7, e, 3, v), cfg).numpy()
+  cfg = views_tf.ViewConfig(size=32, blur=True)
+  view = lambda e, v: views_tf.train_view(inputs, views_tf.view_seed(7, e, 3, v), cfg).numpy()
   a = view(0, 0)
   assert a.shape == (32, 32, 3) and a.dtype == np.float32
   assert a.min() >= 0 and a.max() <= 1
@@ -142,7 +142,7 @@ def test_jpeg_decode_and_crop_matches_decode_then_crop():
   enc = tf.io.encode_jpeg(_image(64, 80))
   window = lambda shape: tf.constant([5, 7, 30, 41])
   full = tf.io.decode_jpeg(enc, channels=3).numpy()
-  crop = augment.decode_and_crop(enc, window).numpy().astype(int)
+  crop = views_tf.decode_and_crop(enc, window).numpy().astype(int)
   assert crop.shape == (30, 41, 3)
   # libjpeg's chroma upsampling differs only at the crop's edges.
   np.testing.assert_allclose(crop[2:-2, 2:-2], full[7:33, 9:46], atol=2)
@@ -154,7 +154,7 @@ def test_eval_view_centre_crop():
   ref = lambda a, size: np.clip(tf.image.resize(a.astype(np.float32) / 255, [size, size],
                                                 'bicubic').numpy(), 0, 1)
   # 87.5% of 80 = 70: rows 15..85, cols 5..75.
-  np.testing.assert_allclose(augment.eval_view(tf.constant(img), 64),
+  np.testing.assert_allclose(views_tf.eval_view(tf.constant(img), 64),
                              ref(img[15:85, 5:75], 64), atol=1e-5)
-  np.testing.assert_allclose(augment.eval_view(tf.io.encode_png(img), 32), ref(img, 32),
+  np.testing.assert_allclose(views_tf.eval_view(tf.io.encode_png(img), 32), ref(img, 32),
                              atol=1e-5)

@@ -9,7 +9,7 @@ from sklearn import datasets
 
 from configs import base
 from simclr_jax import parallel
-from simclr_jax.data import pipeline
+from simclr_jax.data import host_input
 
 
 def _config(batch=32, split='test'):
@@ -26,34 +26,34 @@ def _take(it, n):
 
 
 def test_train_batches_shapes_and_range():
-  (b,) = _take(pipeline.train_iterator(_config(), process_index=0, process_count=1), 1)
+  (b,) = _take(host_input.train_iterator(_config(), process_index=0, process_count=1), 1)
   assert set(b) == {'view1', 'view2', 'label'}
   for k in ('view1', 'view2'):
     assert b[k].shape == (32, 8, 8, 3) and b[k].dtype == np.float32
     assert b[k].min() >= 0 and b[k].max() <= 1
   assert b['label'].shape == (32,) and b['label'].dtype == np.int32
   assert not np.array_equal(b['view1'], b['view2'])
-  assert pipeline.steps_per_epoch(_config()) == 360 // 32
-  assert pipeline.num_examples(_config()) == 360
+  assert host_input.steps_per_epoch(_config()) == 360 // 32
+  assert host_input.num_examples(_config()) == 360
 
 
 def test_train_is_deterministic_and_resumes_mid_stream():
   c = _config()
-  full = _take(pipeline.train_iterator(c, process_index=0, process_count=1), 14)
-  resumed = _take(pipeline.train_iterator(c, start_step=10, process_index=0, process_count=1), 4)
+  full = _take(host_input.train_iterator(c, process_index=0, process_count=1), 14)
+  resumed = _take(host_input.train_iterator(c, start_step=10, process_index=0, process_count=1), 4)
   # Bit-identical batches 10..13 (crossing the epoch boundary at 11.25 steps) from a fresh start.
   for a, b in zip(full[10:], resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   other = _config()
   other.seed = 1
-  (o,) = _take(pipeline.train_iterator(other, process_index=0, process_count=1), 1)
+  (o,) = _take(host_input.train_iterator(other, process_index=0, process_count=1), 1)
   assert not np.array_equal(o['view1'], full[0]['view1'])
 
 
 def test_train_epochs_cover_labels_and_reshuffle():
   c = _config(batch=40)  # 360 = 9 batches of 40: an epoch is exactly 9 steps.
-  batches = _take(pipeline.train_iterator(c, process_index=0, process_count=1), 18)
+  batches = _take(host_input.train_iterator(c, process_index=0, process_count=1), 18)
   labels = [np.concatenate([b['label'] for b in batches[e * 9:(e + 1) * 9]]) for e in (0, 1)]
   digits = datasets.load_digits()
   _, counts = np.unique(labels[0], return_counts=True)
@@ -66,11 +66,11 @@ def test_train_epochs_cover_labels_and_reshuffle():
 def test_train_two_processes_split_the_batch():
   c = _config()
   for pi in (0, 1):
-    (b,) = _take(pipeline.train_iterator(c, process_index=pi, process_count=2), 1)
+    (b,) = _take(host_input.train_iterator(c, process_index=pi, process_count=2), 1)
     assert b['view1'].shape == (16, 8, 8, 3)
   c.train.batch_size = 33
   with pytest.raises(ValueError, match=r'config\.train\.batch_size'):
-    pipeline.train_iterator(c, process_index=0, process_count=2)
+    host_input.train_iterator(c, process_index=0, process_count=2)
 
 
 @pytest.mark.parametrize('count', [1, 2])
@@ -78,7 +78,7 @@ def test_eval_every_example_once(count):
   c = _config()
   digits = datasets.load_digits()
   test_idx = np.random.RandomState(0).permutation(1797)[:360]
-  per_proc = [list(pipeline.eval_iterator(c, 'test', 64, process_index=pi, process_count=count))
+  per_proc = [list(host_input.eval_iterator(c, 'test', 64, process_index=pi, process_count=count))
               for pi in range(count)]
   assert len({len(p) for p in per_proc}) == 1  # Same number of batches on every process.
   batches = [b for p in per_proc for b in p]
@@ -92,8 +92,8 @@ def test_eval_every_example_once(count):
 
 def test_device_prefetch_gives_sharded_global_arrays(devices):
   mesh = parallel.make_mesh(devices)
-  it = pipeline.train_iterator(_config(), process_index=0, process_count=1)
-  host = _take(pipeline.train_iterator(_config(), process_index=0, process_count=1), 3)
+  it = host_input.train_iterator(_config(), process_index=0, process_count=1)
+  host = _take(host_input.train_iterator(_config(), process_index=0, process_count=1), 3)
   out = _take(parallel.device_prefetch(it, mesh, size=2), 3)
   for h, g in zip(host, out):
     x = g['view1']

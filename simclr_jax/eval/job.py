@@ -2,7 +2,8 @@
 
 Read top to bottom: config → pretraining run (config.json + checkpoint) → mesh and model →
 features → probe (cached or augmented) and kNN → the same on a random encoder → outputs.
-The maths lives in `eval_lib`; this module wires it to checkpoints, data and outputs.
+The maths lives in `features`, `linear_probe`, `knn` and `finetune`; this module wires it to
+checkpoints, data and outputs.
 """
 import functools
 import json
@@ -17,9 +18,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, eval_lib, finetune, parallel
-from simclr_jax import logging as metric_logging
-from simclr_jax.data import pipeline
+from simclr_jax import checkpoint, parallel
+from simclr_jax.eval import features, finetune, knn, linear_probe
+from simclr_jax import metrics
+from simclr_jax.data import host_input
 from simclr_jax.models import simclr
 
 RESULTS_FILE = 'results.json'
@@ -132,15 +134,15 @@ def random_encoder(model: simclr.SimCLR, pretrain_config: ml_collections.ConfigD
 
 
 @functools.lru_cache(maxsize=4)
-def make_feature_fn(model: simclr.SimCLR, mesh: Mesh, feature: str) -> eval_lib.FeatureFn:
+def make_feature_fn(model: simclr.SimCLR, mesh: Mesh, feature: str) -> features.FeatureFn:
   """Jitted inference-mode forward returning `feature` ('h' or 'z'), batch sharded on "data"."""
   if feature == 'h':
-    return eval_lib.make_feature_fn(model, mesh)
+    return features.make_feature_fn(model, mesh)
 
-  def features(variables: Any, images: jax.Array) -> jax.Array:
+  def forward(variables: Any, images: jax.Array) -> jax.Array:
     return model.apply(variables, images, train=False)[feature].astype(jnp.float32)
 
-  return jax.jit(features,
+  return jax.jit(forward,
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
 
@@ -159,7 +161,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, split: str) -> None:
 # --- linear probe ------------------------------------------------------------------------------
 
 
-def _train_probe_augmented(feature_fn: eval_lib.FeatureFn, variables: Any,
+def _train_probe_augmented(feature_fn: features.FeatureFn, variables: Any,
                            cfg: ml_collections.ConfigDict, probe: ml_collections.ConfigDict,
                            num_classes: int, mesh: Mesh, eval_batch_size: int
                            ) -> dict[str, jax.Array]:
@@ -172,17 +174,17 @@ def _train_probe_augmented(feature_fn: eval_lib.FeatureFn, variables: Any,
   trainable = stats = opt_state = epoch_fn = None
   key = jax.random.key(cfg.seed)
   for e in range(probe.epochs):
-    feats, labels = eval_lib.extract_features(
+    feats, labels = features.extract_features(
         feature_fn, variables,
-        pipeline.probe_train_iterator(cfg, eval_batch_size, epoch=e,
+        host_input.probe_train_iterator(cfg, eval_batch_size, epoch=e,
                                       crop_area=tuple(probe.crop_area), flip=probe.flip),
         mesh)
     if epoch_fn is None:
       _check_labels(labels, num_classes, cfg.data.train_split)
       n, dim = feats.shape
       batch_size = min(probe.batch_size, n)
-      # eval_lib's cached epoch function: the same jitted epoch as the cached path.
-      epoch_fn, tx = eval_lib.probe_epoch_fn(
+      # linear_probe's cached epoch function: the same jitted epoch as the cached path.
+      epoch_fn, tx = linear_probe.probe_epoch_fn(
           n // batch_size, batch_size, probe.epochs, float(probe.learning_rate),
           float(probe.momentum), bool(probe.nesterov), float(probe.weight_decay))
       stats = {'mean': jnp.mean(feats, axis=0), 'var': jnp.var(feats, axis=0)}
@@ -194,31 +196,32 @@ def _train_probe_augmented(feature_fn: eval_lib.FeatureFn, variables: Any,
   return {**stats, **trainable}
 
 
-def evaluate_encoder(feature_fn: eval_lib.FeatureFn, variables: Any,
+def evaluate_encoder(feature_fn: features.FeatureFn, variables: Any,
                      cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                      mesh: Mesh) -> dict[str, Any]:
   """Probe top-1/top-5 and kNN top-1/top-5 of one encoder on cfg.data.eval_split."""
   num_classes = cfg.data.num_classes
   data = cfg.data
-  train_feats, train_labels = eval_lib.extract_features(
-      feature_fn, variables, pipeline.eval_iterator(cfg, data.train_split,
+  train_feats, train_labels = features.extract_features(
+      feature_fn, variables, host_input.eval_iterator(cfg, data.train_split,
                                                     config.eval_batch_size), mesh)
-  test_feats, test_labels = eval_lib.extract_features(
-      feature_fn, variables, pipeline.eval_iterator(cfg, data.eval_split,
+  test_feats, test_labels = features.extract_features(
+      feature_fn, variables, host_input.eval_iterator(cfg, data.eval_split,
                                                     config.eval_batch_size), mesh)
   _check_labels(train_labels, num_classes, data.train_split)
   _check_labels(test_labels, num_classes, data.eval_split)
   p = config.probe
   if p.mode == 'cached':
-    params = eval_lib.train_linear_probe(
+    params = linear_probe.train_linear_probe(
         train_feats, train_labels, num_classes, epochs=p.epochs, batch_size=p.batch_size,
         learning_rate=p.learning_rate, momentum=p.momentum, nesterov=p.nesterov,
         weight_decay=p.weight_decay, seed=config.seed)
   else:
     params = _train_probe_augmented(feature_fn, variables, cfg, p, num_classes, mesh,
                                     config.eval_batch_size)
-  probe = eval_lib.topk_accuracy(eval_lib.predict_linear_probe(params, test_feats), test_labels)
-  knn = eval_lib.knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes,
+  probe = features.topk_accuracy(linear_probe.predict_linear_probe(params, test_feats),
+                                 test_labels)
+  knn = knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes,
                               k=config.knn.k, temperature=config.knn.temperature)
   return {'top1': probe['top1'], 'top5': probe['top5'], 'knn_top1': knn['top1'],
           'knn_top5': knn['top5'], 'num_train': int(len(train_labels)),
@@ -280,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + '\n')
-  writer = metric_logging.MetricWriter(workdir)
+  writer = metrics.MetricWriter(workdir)
   scalars = {f'linear_eval/{k}': results[k] for k in ('top1', 'top5', 'knn_top1', 'knn_top5')}
   if 'baseline' in results:
     scalars.update({f'linear_eval/baseline_{k}': results['baseline'][k]
