@@ -1,9 +1,14 @@
-"""NT-Xent over the global batch (DESIGN.md "NT-Xent") and the online probe's loss.
+"""NT-Xent over the global batch (official SimCLR's add_contrastive_loss) and the probe's loss.
 
 Each device computes only its own anchor rows against the gathered keys of all devices:
 logits are [2 n_local, 2 N_global], never [2N, 2N]. The all-gather's transpose is a
 reduce-scatter, so gradients flow into every device's embeddings and the sharded gradient equals
 the single-device one.
+
+The value is the official one, `tf.reduce_mean(loss_a + loss_b)`: per direction (view-1 anchors,
+view-2 anchors) the mean cross-entropy over the N anchors, summed over the two directions, i.e.
+twice the mean over all 2N anchors. The official hyperparameters (LARS learning rate against the
+untrusted BN parameters, weight decay against the gradient) were tuned on this scale.
 """
 from functools import partial
 
@@ -13,13 +18,16 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from simclr_jax.parallel import DATA_AXIS
 
-# Official SimCLR masks self-similarity with -1e9 rather than -inf: exp() underflows to exactly 0
-# and entropy's p*log(p) stays finite.
-_MASK_VALUE = -1e9
+# Official LARGE_NUM: subtracted from the self-similarity logits. exp() of it underflows to
+# exactly 0 in float32, and p*log(p) stays finite where -inf would give NaN.
+LARGE_NUM = 1e9
+# Official update_pretrain_metrics_train: entropy = -sum(p * log(p + 1e-8)).
+_ENTROPY_EPS = 1e-8
 
 
 def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+  """tf.math.l2_normalize: x / sqrt(max(sum(x^2), 1e-12))."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def _nt_xent_local(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
@@ -36,36 +44,47 @@ def _nt_xent_local(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
     offset = jax.lax.axis_index(axis_name) * n_local
   n_global = z1_all.shape[0]
 
+  # Rows: this device's view-1 then view-2 anchors; columns: all view-1 then all view-2 keys.
+  # Row i of view 1 holds the official [logits_aa | logits_ab] and row i of view 2
+  # [logits_ba | logits_bb] (column order does not change a softmax cross-entropy).
   anchors = jnp.concatenate([z1, z2], axis=0)  # [2n_local, d]
   keys = jnp.concatenate([z1_all, z2_all], axis=0)  # [2N, d]
   logits = anchors @ keys.T / temperature  # [2n_local, 2N]
 
-  rows = offset + jnp.arange(n_local)
+  rows = offset + jnp.arange(n_local)  # global index of this device's examples
   self_col = jnp.concatenate([rows, rows + n_global])
   positive_col = jnp.concatenate([rows + n_global, rows])
   cols = jnp.arange(2 * n_global)
-  logits = jnp.where(cols[None, :] == self_col[:, None], _MASK_VALUE, logits)
-
+  logits = logits - LARGE_NUM * (cols[None, :] == self_col[:, None])
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, positive_col[:, None], axis=-1)[:, 0]
+
+  # Official metrics read logits_ab only: view-1 anchors against the N view-2 keys.
+  logits_ab = logits[:n_local, n_global:]
+  probs_ab = jax.nn.softmax(logits_ab, axis=-1)
   sums = {
       'loss': jnp.sum(nll),
-      'contrastive_acc': jnp.sum(jnp.argmax(logits, axis=-1) == positive_col).astype(jnp.float32),
-      'contrastive_entropy': jnp.sum(-jnp.exp(log_probs) * log_probs),
+      'contrastive_acc': jnp.sum(jnp.argmax(logits_ab, axis=-1) == rows).astype(jnp.float32),
+      'contrastive_entropy': -jnp.sum(probs_ab * jnp.log(probs_ab + _ENTROPY_EPS)),
   }
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
-  means = {k: v / (2 * n_global) for k, v in sums.items()}
+  # Every quantity is a mean over the N examples of the global batch (the loss sums the two
+  # directions of each example), as the official per-replica means averaged over replicas.
+  means = {k: v / n_global for k, v in sums.items()}
   return means.pop('loss'), means
 
 
 def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
             mesh: Mesh | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """NT-Xent loss (mean over the 2N anchors) of two views' projections z1, z2: [N, d].
+  """Official SimCLR contrastive loss of two views' projections z1, z2: [N, d].
 
-  With `mesh` (more than one device) z1 and z2 are global arrays sharded on "data" and each
-  device computes its own rows against the gathered batch. Returns (loss, metrics) with metrics
-  `contrastive_acc` (top-1 of the positive among 2N-1 candidates) and `contrastive_entropy`.
+  loss = mean over the N examples of (CE of view-1 anchor + CE of view-2 anchor), each anchor
+  against the 2N - 1 other views of the global batch. With `mesh` (more than one device) z1 and
+  z2 are global arrays sharded on "data" and each device computes its own rows against the
+  gathered batch. Returns (loss, metrics): `contrastive_acc`, the fraction of view-1 anchors whose
+  top view-2 key is their positive, and `contrastive_entropy`, the mean entropy of the softmax
+  over those N view-2 keys (the official update_pretrain_metrics_train).
   """
   if mesh is None or mesh.size == 1:
     return _nt_xent_local(z1, z2, temperature, axis_name=None)
