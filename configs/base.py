@@ -23,12 +23,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = 'cifar10'  # TFDS name (source='tfds')
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir, may be gs://
   c.data.folder = ml_collections.config_dict.placeholder(str)  # root of <split>/<class>/*.jpg
+  # source='folder': the run's class names; a label is a position in this list, in every split.
+  # Empty: the class folders of <folder>/<train_split>/ (sorted); pretraining stores the list
+  # it used in config.json, so a resumed run and its evaluation label the same way.
+  c.data.classes = ()
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
   c.data.image_size = 32  # side of the square views fed to the encoder
   c.data.num_classes = 10  # labels for the online probe; 0 disables the probe
   c.data.shuffle_buffer = 50_000
-  c.data.on_corrupt = 'skip'  # 'skip' (count and log) | 'error' (stop, naming the file)
+  # Folder files that are not whole JPEG/PNG images (empty, cut short, garbled), checked once
+  # per file: 'skip' (log each with a running count) | 'error' (stop, naming the file).
+  c.data.on_corrupt = 'skip'
   c.data.cache = True  # cache decoded examples in memory (small data sets)
   # Where the train views are made (README "Where the views are made"):
   #   'host': all of the view in tf.data on the host CPU;
@@ -42,10 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   # many MiB, else shard it over the "data" axis (each device then draws from its own shard).
   c.data.device_replicate_max_mb = 256.0
 
-  # --- SimCLR views (DESIGN.md "views") ---------------------------------------------------------
+  # --- SimCLR views ---------------------------------------------------------------------------
   c.augment = ml_collections.ConfigDict()
+  # Random resized crop, as the official crop_and_resize (tf.image.sample_distorted_bounding_box
+  # of the whole image, 100 attempts, else the whole image): area fraction range (0 < lo <= hi
+  # <= 1), aspect ratio w/h range, and the least fraction of the image a crop keeps.
   c.augment.crop_area = (0.08, 1.0)
   c.augment.crop_aspect = (3 / 4, 4 / 3)
+  c.augment.min_object_covered = 0.1
   c.augment.flip = True
   c.augment.jitter_strength = 0.5  # s: CIFAR 0.5, ImageNet 1.0
   c.augment.jitter_prob = 0.8
@@ -63,25 +73,42 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params, BN stats, loss f32)
 
   # --- loss -----------------------------------------------------------------------------------
+  # Official objective: the mean over the N examples of the two directions' NT-Xent summed
+  # (twice the mean over 2N anchors); the official recipes' hyperparameters are tuned on it.
   c.loss = ml_collections.ConfigDict()
-  c.loss.temperature = 0.5
+  c.loss.temperature = 0.5  # official --temperature (CIFAR-10 command 0.5, ImageNet 0.1)
 
-  # --- optimiser (DESIGN.md "optimiser") -------------------------------------------------------
+  # --- optimiser ------------------------------------------------------------------------------
+  # Official LARS (classic momentum): BN parameters, biases and the online probe get neither
+  # weight decay nor the trust ratio; the probe trains at the encoder's learning rate, its kernel
+  # with weight decay. lr = scaled base_lr, linear warm-up from 0, cosine to 0.
   c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 1.0
+  c.optim.base_lr = 1.0  # official --learning_rate (per 256 examples when 'linear')
   c.optim.lr_scaling = 'linear'  # 'linear': base_lr*B/256 | 'sqrt': base_lr*sqrt(B)
+  # Official --warmup_epochs (default 10): int(round(warmup_epochs * N // B)) steps.
   c.optim.warmup_epochs = 10.0
-  c.optim.weight_decay = 1e-6  # official SimCLR README, CIFAR-10 and ImageNet alike
-  c.optim.momentum = 0.9
-  c.optim.trust_coefficient = 1e-3
-  c.optim.probe_lr = 0.1  # peak lr of the online probe's momentum SGD (same warm-up/cosine shape)
+  c.optim.weight_decay = 1e-4  # official README pretraining commands (CIFAR-10 and ImageNet)
+  c.optim.momentum = 0.9  # official --momentum default
+  c.optim.trust_coefficient = 1e-3  # official LARS eeta
 
   # --- training loop --------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 512  # global batch, over all devices and hosts
+  c.train.batch_size = 512  # global batch, over all devices and hosts (official --train_batch_size)
+  # Steps: official get_train_steps, N * epochs // batch_size + 1 (epochs may be fractional);
+  # steps > 0 overrides it.
   c.train.epochs = 1000.0
-  c.train.steps = -1  # > 0 overrides epochs
+  c.train.steps = -1
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 1000
   c.train.keep_checkpoints = 3
+
+  # --- evaluation during pretraining (the online probe and kNN on the eval split) --------------
+  # Every train.eval_every_steps and at the end (0: never). Eval-split forwards of
+  # about 2 x 10k images every 1000 steps cost under 1% of a CIFAR recipe's time.
+  c.train.eval_every_steps = 1000
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.batch_size = 256  # global batch of the inference forwards
+  c.monitor.knn_k = 200
+  c.monitor.knn_temperature = 0.1
+  c.monitor.knn_max_train = 10_000  # kNN memory: the first this many train examples (0: all)
   return c

@@ -1,16 +1,28 @@
 """Entry point: `python -m simclr_jax.main --config=configs/<recipe>.py --workdir=DIR`.
 
-The config file picks the job (`config.job`: 'pretrain' or 'linear_eval'); any config field can
-be overridden as `--config.key=value`, and a misspelt key is an error (locked config).
+The config file picks the job (`config.job`, a key of JOBS); any config field can be overridden
+as `--config.key=value`, and a misspelt key is an error (locked config). A problem the user fixes
+(errors.ConfigError) ends the job with one line naming the key and the fix; anything else keeps
+its traceback.
 """
+import importlib
 import logging as py_logging
 import os
 import sys
+from typing import Any, Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from simclr_jax import parallel
+from simclr_jax.errors import ConfigError
+
+# config.job -> (module whose run(config, workdir) is the job, the global batch its devices
+# split: on a CPU-only host it picks the device count, before JAX starts).
+JOBS: dict[str, tuple[str, Callable[[Any], int]]] = {
+    'pretrain': ('simclr_jax.pretrain', lambda c: c.train.batch_size),
+    'linear_eval': ('simclr_jax.eval.job', lambda c: c.eval_batch_size),
+}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py recipe.',
                                           lock_config=True)
@@ -47,35 +59,38 @@ def _start_distributed() -> None:
                jax.device_count(), jax.default_backend())
 
 
+def _job(config: Any) -> tuple[str, Callable[[Any], int]]:
+  """(module, global batch) of config.job; a ConfigError naming the choices otherwise."""
+  if config.job not in JOBS:
+    raise ConfigError(f'config.job={config.job!r} is not one of {sorted(JOBS)}; use one of the '
+                      'configs/*.py files.')
+  return JOBS[config.job]
+
+
 def main(argv: list[str]) -> None:
   del argv
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config = _CONFIG.value
-  # Before anything starts JAX's backends (jax.distributed too). The batch the devices split:
-  batch = config.eval_batch_size if config.job == 'linear_eval' else config.train.batch_size
-  parallel.set_cpu_devices(batch, config.cpu_devices)
-  _start_distributed()
-  if config.job == 'pretrain':
-    from simclr_jax import pretrain  # pylint: disable=g-import-not-at-top
-    try:
-      pretrain.run(config, _WORKDIR.value)
-    except pretrain.Preempted as e:
+  try:
+    module, global_batch = _job(config)
+    parallel.set_cpu_devices(global_batch(config), config.get('cpu_devices', 0))
+    _start_distributed()
+    importlib.import_module(module).run(config, _WORKDIR.value)
+  except ConfigError as e:
+    logging.error('%s', e)
+    logging.flush()
+    sys.exit(f'error: {e}')
+  except SystemExit as e:  # a preempted run: it saved its checkpoint and says how to resume
+    if getattr(e, 'message', None):
       logging.warning('%s', e.message)
       logging.flush()
-      raise
-    except (pretrain.NonFiniteLossError, ValueError, FileNotFoundError, PermissionError) as e:
-      logging.error('%s', e)
-      sys.exit(f'error: {e}')
-  elif config.job == 'linear_eval':
-    from simclr_jax.eval import job as eval_job  # pylint: disable=g-import-not-at-top
-    try:
-      eval_job.run(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-      logging.error('%s', e)
-      sys.exit(f'error: {e}')
-  else:
-    sys.exit(f"error: config.job={config.job!r} must be 'pretrain' or 'linear_eval'.")
+    raise
+
+
+def run_cli() -> None:
+  """The `simclr-jax` console script of an installed package: same flags as `-m simclr_jax.main`."""
+  app.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli()

@@ -1,4 +1,4 @@
-"""Metrics output (DESIGN.md "Outputs a user can rely on"): metrics.jsonl, TensorBoard, progress.
+"""Metrics output: WORKDIR/metrics.jsonl, TensorBoard events, the console progress line.
 
 Only process 0 writes; on other processes `MetricWriter` is a no-op, so callers need no `if`.
 TensorBoard events come from tensorboardX, which keeps TensorFlow out of the training process.
@@ -27,6 +27,12 @@ class MetricWriter:
       # Append: a resumed run continues the same file (read_metrics keeps the last row per step).
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
       self._tb = SummaryWriter(logdir=workdir)
+
+  def __enter__(self) -> 'MetricWriter':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes one row {step, **scalars} (values converted to float) to both outputs."""
@@ -104,6 +110,10 @@ class StepTimer:
   def __init__(self, global_batch: int, total_steps: int, start_step: int = 0):
     self.global_batch, self.total_steps = global_batch, total_steps
     self._step, self._time, self._cpu = start_step, time.monotonic(), time.process_time()
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` spent since the last update (e.g. an evaluation) out of the next one."""
+    self._time += seconds
 
   def update(self, step: int) -> dict[str, float]:
     """{'step_time', 'images_per_sec', 'eta_seconds', 'host_cpu_per_step'} since the last call.

@@ -1,4 +1,4 @@
-"""Mesh, shardings and the host-batch → global-array step (DESIGN.md "Parallelism").
+"""Mesh, shardings and the host-batch → global-array step.
 
 One mesh over every device of every process, axis ``"data"``. Parameters and optimiser state
 are replicated; batches are sharded on their leading axis. Nothing here imports TensorFlow.
@@ -10,6 +10,8 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from simclr_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
 _CPU_DEVICE_FLAG = '--xla_force_host_platform_device_count'
@@ -61,14 +63,16 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, key: str = 'train.batch_size') -> None:
-  """Raises a ValueError naming `key` if `global_batch` cannot be split over the mesh/processes."""
+  """ConfigError naming `key` if `global_batch` cannot be split over the mesh and processes."""
   n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch < 1:
+    raise ConfigError(f'config.{key}={global_batch} must be >= 1.')
   if global_batch % n_dev:
-    raise ValueError(
+    raise ConfigError(
         f'config.{key}={global_batch} is not divisible by the number of devices ({n_dev}); '
         f'set --config.{key} to a multiple of {n_dev}.')
   if global_batch % n_proc:
-    raise ValueError(
+    raise ConfigError(
         f'config.{key}={global_batch} is not divisible by the number of processes ({n_proc}).')
 
 

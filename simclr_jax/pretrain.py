@@ -1,30 +1,31 @@
-"""The pretraining job, read top to bottom: mesh → input → model → state → step → checkpoint → loop.
+"""The pretraining job, read top to bottom: checks → mesh → input → model → state → resume → loop.
 
 Host syncs happen only on log steps (fetching metrics) and checkpoint steps; every other step is
-dispatched asynchronously while the input pipeline prepares the next batch.
+dispatched asynchronously while the input prepares the next batch. One ExitStack owns the stop
+handler, the checkpoint manager and the metric writer, so every exit path (done, preempted,
+non-finite loss, an error) waits for pending saves and closes the outputs.
 """
-import functools
+import contextlib
 import math
 import signal
 import time
-from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from simclr_jax import checkpoint, optim, parallel, train_step
-from simclr_jax.data import device_input
-from simclr_jax import metrics
+from simclr_jax import checkpoint, metrics, optim, parallel, train_step
+from simclr_jax.data import train_input
+from simclr_jax.errors import ConfigError
+from simclr_jax.eval import monitor as eval_monitor
 from simclr_jax.models import simclr
 
 _CONSOLE_KEYS = ('loss', 'contrastive_acc', 'probe_acc')  # the rest is in metrics.jsonl
 EXIT_PREEMPTED = 3  # exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/inf; the message names the step and the last finite metrics."""
+class NonFiniteLossError(ConfigError):
+  """The loss became NaN/inf: the message names the step, the last finite metrics and the fix."""
 
 
 class Preempted(SystemExit):
@@ -35,146 +36,152 @@ class Preempted(SystemExit):
     self.message = message
 
 
-def total_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """config.train.steps if positive, else epochs × steps per epoch (at least 1)."""
-  if train_cfg.steps > 0:
-    return int(train_cfg.steps)
-  return max(int(math.ceil(train_cfg.epochs * steps_per_epoch)), 1)
-
-
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps, so a save can finish first."""
+  """Turns the first SIGTERM/SIGINT into a flag checked between steps, so a save can finish.
+
+  A second signal ends the process at once with the default action (a user who presses Ctrl-C
+  twice, or a scheduler that insists, is not kept waiting for a save).
+  """
 
   def __init__(self):
     self.signal = None
     self._previous = {}
 
-  def __enter__(self):
+  def __enter__(self) -> '_StopRequest':
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
+    if self.signal is not None:
+      signal.signal(signum, signal.SIG_DFL)
+      signal.raise_signal(signum)
     self.signal = signal.Signals(signum).name
+    logging.warning('%s received: stopping at the next step boundary (send it again to stop '
+                    'at once, without saving).', self.signal)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
-def _check_data_config(config: ml_collections.ConfigDict, source_classes: int) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first key that cannot run, before anything is read or compiled."""
+  t = config.train
+  if t.steps <= 0 and not t.epochs > 0:
+    raise ConfigError(f'config.train.epochs={t.epochs} and config.train.steps={t.steps}: set '
+                      'config.train.epochs > 0 (or config.train.steps > 0) to train at all.')
+  for key in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if t[key] < 1:
+      raise ConfigError(f'config.train.{key}={t[key]} must be >= 1.')
+  if t.eval_every_steps < 0:
+    raise ConfigError(f'config.train.eval_every_steps={t.eval_every_steps} must be >= 0 '
+                      '(0: no evaluation during pretraining).')
+  if config.data.num_classes < 0:
+    raise ConfigError(f'config.data.num_classes={config.data.num_classes} must be >= 0 '
+                      '(0: no online probe).')
+
+
+def _check_num_classes(config: ml_collections.ConfigDict, source_classes: int) -> None:
   """The probe head is built from config.data.num_classes: it must fit the data's labels."""
   if source_classes and config.data.num_classes not in (0, source_classes):
-    raise ValueError(
+    raise ConfigError(
         f'config.data.num_classes={config.data.num_classes} but the training data has '
         f'{source_classes} classes; set --config.data.num_classes={source_classes} '
         '(or 0 to train without the online probe).')
 
 
+def _stop_before_training(stop: _StopRequest, workdir: str) -> None:
+  """Leaves start-up cleanly when a stop arrived before the first step (nothing was saved)."""
+  if stop.signal:
+    raise Preempted(f'{stop.signal} during start-up, before the first step: nothing was trained '
+                    f'or saved in {workdir} this time. Rerun the same command to start (or '
+                    'resume).')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
-  # --- mesh and checks that need no compilation -------------------------------------------------
-  device_input.check_config(config)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  checkpoint.ensure_writable(workdir)
-  if checkpoint.latest_step(workdir) is not None:
-    checkpoint.check_compatible(checkpoint.read_config(workdir), config)
-  logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  check_config(config)
+  with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(_StopRequest())
 
-  # --- input: where the views are made (config.data.augment_on) -------------------------------
-  # 'host' and 'split' read through tf.data; 'device' puts the uint8 train split on the mesh
-  # (TensorFlow only to read a tfds/folder source once; none for the demo).
-  augment_on = config.data.augment_on
-  if augment_on == 'device':
-    dataset = device_input.load(config, mesh)
-    num_examples, num_classes = dataset.num_examples, dataset.num_classes
-  else:
-    from simclr_jax.data import host_input, sources  # TensorFlow loads only here.
-    source = sources.load(config.data, config.data.train_split, process_index=0,
-                          process_count=1)
-    num_examples, num_classes = source.num_examples_total, source.num_classes
-  _check_data_config(config, num_classes)
-  steps_per_epoch = max(num_examples // config.train.batch_size, 1)
-  num_steps = total_steps(config.train, steps_per_epoch)
-  checkpoint.write_config(workdir, config)
+    # --- mesh and checks that need no compilation ---------------------------------------------
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    checkpoint.ensure_writable(workdir)
+    if checkpoint.latest_step(workdir) is not None:
+      checkpoint.check_compatible(checkpoint.read_config(workdir), config)
 
-  # --- model, optimiser, state -----------------------------------------------------------------
-  model = simclr.from_config(config.model, config.data.num_classes)
-  tx, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size, steps_per_epoch,
-                                           num_steps)
-  size = config.data.image_size
-  state = train_step.init_state(model, tx, jax.random.key(config.seed), (size, size, 3), mesh)
+    # --- input: counts, the host stream and the in-step half of the views ---------------------
+    data = train_input.make(config, mesh)
+    _check_num_classes(config, data.num_classes)
+    num_steps = optim.train_steps(data.num_examples, config.train)
+    checkpoint.write_config(workdir, config)
 
-  # --- checkpoint: resume if the workdir has one -----------------------------------------------
-  ckpt = checkpoint.manager(workdir, save_every_steps=config.train.checkpoint_every_steps,
-                            keep=config.train.keep_checkpoints)
-  restored = checkpoint.restore_latest(ckpt, state)
-  if restored is not None:
-    state = restored
-  start_step = int(state.step)
-  if start_step:
-    logging.info('Resuming from the checkpoint at step %d of %d.', start_step, num_steps)
+    # --- model, optimiser, state; resume if the workdir has a checkpoint ----------------------
+    model = simclr.from_config(config.model, config.data.num_classes)
+    tx, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size,
+                                             data.num_examples, num_steps)
+    size = config.data.image_size
+    state = train_step.init_state(model, tx, jax.random.key(config.seed), (size, size, 3), mesh)
+    ckpt = checkpoint.manager(workdir, save_every_steps=config.train.checkpoint_every_steps,
+                              keep=config.train.keep_checkpoints)
+    stack.callback(checkpoint.close, ckpt)  # waits for a pending save on every exit path
+    restored = checkpoint.restore_latest(ckpt, state)
+    state = state if restored is None else restored
+    start_step = int(state.step)
+    if start_step:
+      logging.info('Resuming from the checkpoint at step %d of %d.', start_step, num_steps)
+    _stop_before_training(stop, workdir)
 
-  # --- step and input stream -------------------------------------------------------------------
-  make_step = functools.partial(train_step.make_train_step, model, tx, learning_rate,
-                                config.loss.temperature, mesh)
-  if augment_on == 'device':  # host → indices; the step gathers and makes both views
-    device_step = make_step(prepare=device_input.device_prepare(config, mesh, dataset.layout),
-                            data_sharding=dataset.sharding)
-    step_fn = lambda state, batch: device_step(state, batch, dataset.arrays)  # noqa: E731
-    host_batches = device_input.index_stream(dataset.layout, config, mesh, start_step=start_step)
-  elif augment_on == 'split':  # host → cropped, flipped views; the step adds colour and blur
-    split_step = make_step(prepare=device_input.split_prepare(config))
-    step_fn = lambda state, batch: split_step(state, batch, None)  # noqa: E731
-    host_batches = host_input.train_iterator(config, start_step=start_step)
-  else:  # host → finished views
-    step_fn = make_step()
-    host_batches = host_input.train_iterator(config, start_step=start_step)
-  batches = parallel.device_prefetch(host_batches, mesh)
-  writer = metrics.MetricWriter(workdir)
-  timer = metrics.StepTimer(config.train.batch_size, num_steps, start_step)
-  last_finite: dict[str, float] = {}
-  started = time.monotonic()
+    # --- step and input stream --------------------------------------------------------------
+    step_fn = train_step.make_train_step(model, tx, learning_rate, config.loss.temperature, mesh,
+                                         prepare=data.prepare, data_sharding=data.data_sharding)
+    batches = parallel.device_prefetch(data.host_batches(start_step), mesh)
+    every = config.train.eval_every_steps
+    monitor = eval_monitor.Monitor(config, mesh, model, data) if every else None
+    writer = stack.enter_context(metrics.MetricWriter(workdir))
+    timer = metrics.StepTimer(config.train.batch_size, num_steps, start_step)
+    last_finite: dict[str, float] = {}
+    started = time.monotonic()
 
-  # --- loop ------------------------------------------------------------------------------------
-  with _StopRequest() as stop:
+    # --- loop --------------------------------------------------------------------------------
     for step in range(start_step + 1, num_steps + 1):
-      state, step_metrics = step_fn(state, next(batches))
-      if step % config.train.log_every_steps == 0 or step == num_steps:
+      state, step_metrics = step_fn(state, next(batches), data.data)
+      evaluate = monitor is not None and (step % every == 0 or step == num_steps)
+      if step % config.train.log_every_steps == 0 or step == num_steps or evaluate:
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not all(map(math.isfinite, scalars.values())):
-          checkpoint.close(ckpt)
           raise NonFiniteLossError(
               f'Non-finite metrics at step {step} ({scalars}); last finite metrics: '
-              f'{last_finite or "none logged yet"}. The checkpoints in {workdir}/checkpoints are '
-              'untouched; lower config.optim.base_lr or raise config.optim.warmup_epochs.')
+              f'{last_finite or "none logged yet"}. The checkpoints in {workdir}/checkpoints '
+              'are untouched; lower config.optim.base_lr or raise config.optim.warmup_epochs.')
         scalars.update(timer.update(step))
+        if evaluate:
+          eval_started = time.monotonic()
+          scalars.update(monitor.run(state.params, state.batch_stats))
+          scalars['eval_seconds'] = time.monotonic() - eval_started
+          timer.exclude(scalars['eval_seconds'])  # images/s and ETA count training only
         last_finite = dict(scalars, step=step)
         writer.write(step, scalars)
         if jax.process_index() == 0:
           shown = {k: scalars[k] for k in _CONSOLE_KEYS if k in scalars}
-          logging.info('%s', metrics.progress_line(
-              step, num_steps, shown, scalars['images_per_sec'], scalars['eta_seconds']))
+          line = metrics.progress_line(step, num_steps, shown, scalars['images_per_sec'],
+                                       scalars['eta_seconds'])
+          logging.info('%s%s', line, f'  {eval_monitor.summary(scalars)}' if evaluate else '')
       # Only on interval steps: save() reads state.step, a host sync that would stall dispatch.
       if step % config.train.checkpoint_every_steps == 0:
         checkpoint.save(ckpt, state)
       if stop.signal:
         checkpoint.save(ckpt, state, force=True)
-        checkpoint.close(ckpt)
-        writer.close()
-        raise Preempted(f'{stop.signal} at step {step}: checkpoint saved in {workdir}/checkpoints. '
-                        'Rerun the same command to resume.')
+        raise Preempted(f'{stop.signal} at step {step}: checkpoint saved in {workdir}/checkpoints.'
+                        ' Rerun the same command to resume.')
+    checkpoint.save(ckpt, state, force=True)
 
-  checkpoint.save(ckpt, state, force=True)
-  checkpoint.close(ckpt)
-  writer.close()
-  elapsed = time.monotonic() - started
   if jax.process_index() == 0:
     logging.info('Done: %d steps in %s, final loss %.4f, contrastive acc %.3f%s. Workdir: %s',
-                 num_steps - start_step, metrics.format_duration(elapsed),
+                 num_steps - start_step, metrics.format_duration(time.monotonic() - started),
                  last_finite.get('loss', float('nan')), last_finite.get('contrastive_acc', 0.0),
                  (f", probe acc {last_finite['probe_acc']:.3f}" if 'probe_acc' in last_finite
                   else ''), workdir)

@@ -24,24 +24,25 @@ Prepare = Callable[[Batch, Any], Batch]
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a checkpoint holds: step, parameters, BN statistics, optimiser state, RNG."""
+  """Everything a checkpoint holds: step, parameters, BN statistics, optimiser state.
+
+  No RNG: every random choice of a step (the views) is a function of (seed, epoch, example,
+  view) made by the input, so a resumed run needs nothing else to continue bit-identically.
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
-  rng: jax.Array
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                image_shape: tuple[int, int, int], mesh: Mesh) -> TrainState:
   """Initialises the model and optimiser directly as replicated arrays on the mesh."""
   def init(rng):
-    init_rng, state_rng = jax.random.split(rng)
-    variables = model.init(init_rng, jnp.zeros((2, *image_shape), jnp.float32), train=True)
+    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=True)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_rng))
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params))
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
 
 
@@ -88,9 +89,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.global_norm({k: v for k, v in grads.items() if k != PROBE})
   metrics['learning_rate'] = learning_rate(state.step)
-  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, rng=rng)
+                            opt_state=opt_state)
   return new_state, metrics
 
 
@@ -98,23 +98,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     learning_rate: Callable[[Any], Any], temperature: float, mesh: Mesh, *,
                     prepare: Prepare | None = None,
                     data_sharding: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
-  """`train_step` jitted for `mesh`: state replicated and donated, batch sharded on "data".
+  """`step(state, batch, data)`: `train_step` jitted for `mesh`, state replicated and donated.
 
-  Without `prepare`: `step(state, batch)`, batch = {'view1', 'view2', 'label'}.
-  With `prepare`: `step(state, batch, data)`; `prepare(batch, data)` runs in the same jit before
-  the loss and returns {'view1', 'view2', 'label'} (views made on the devices, see
-  device_input.py). `data` (e.g. the device-resident data set; None if unused) is an argument
-  with sharding `data_sharding` (default replicated), never a constant baked into the program.
+  `batch` is sharded on "data"; `prepare(batch, data)` runs in the same jit before the loss and
+  returns {'view1', 'view2', 'label'} (views made on the devices, see data/train_input.py; None
+  when the host made them). `data` (the device-resident data set, or None) is an
+  argument with sharding `data_sharding` (default replicated), never a constant baked into the
+  program.
   """
   step = partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                  temperature=temperature, mesh=mesh)
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  if prepare is None:
-    return jax.jit(step, in_shardings=(replicated, sharded),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
 
   def prepared_step(state: TrainState, batch: Batch, data: Any) -> tuple[TrainState, Metrics]:
-    return step(state, prepare(batch, data))
+    return step(state, batch if prepare is None else prepare(batch, data))
 
   data_sharding = replicated if data_sharding is None else data_sharding
   return jax.jit(prepared_step, in_shardings=(replicated, sharded, data_sharding),

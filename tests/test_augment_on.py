@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from configs import base, demo
 from simclr_jax import checkpoint, parallel, pretrain
-from simclr_jax.data import demo_digits, device_input, views_jax
+from simclr_jax.data import demo_digits, device_input, train_input, views_jax
 from simclr_jax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,10 +91,8 @@ def test_index_stream_epochs_reshuffle_and_restart(shards, batch):
       np.testing.assert_array_equal(np.sort(order), np.sort(own))  # each example once an epoch
     assert not np.array_equal(orders[0], orders[1])  # a new order each epoch
   # Restart at step 13: the same batches as the uninterrupted stream from there on.
-  config = base.get_config()
-  config.seed, config.train.batch_size = 7, batch
   mesh = parallel.make_mesh(jax.devices())
-  resumed = list(itertools.islice(device_input.index_stream(layout, config, mesh, start_step=13),
+  resumed = list(itertools.islice(device_input.index_stream(layout, 7, batch, mesh, start_step=13),
                                   steps - 13))
   for a, b in zip(full[13:], resumed):
     for k in a:
@@ -158,7 +156,7 @@ def test_device_needs_images_of_one_size(tmp_path):
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
   config.data.source = 'other'
   with pytest.raises(ValueError, match=r'config\.data\.augment_on=device .*config\.data\.source'):
-    device_input.check_config(config)
+    train_input.check_config(config)
 
 
 def test_device_reads_a_folder_source_once(tmp_path, devices):
@@ -242,9 +240,9 @@ def test_split_host_views_are_the_host_views_without_colour():
   from simclr_jax.data import host_input, sources, views_tf
   import tensorflow as tf
   split = _split_config()
-  split.data.augment_on = 'split'
   plain = _split_config(jitter_prob=0.0, grayscale_prob=0.0, blur=False)
-  got = list(itertools.islice(host_input.train_iterator(split, process_index=0, process_count=1), 13))
+  got = list(itertools.islice(host_input.train_iterator(split, finish_views=False,
+                                                        process_index=0, process_count=1), 13))
   ref = list(itertools.islice(host_input.train_iterator(plain, process_index=0, process_count=1), 13))
   for g, r in zip(got, ref):
     assert set(g) == {'view1', 'view2', 'label', 'epoch', 'index'} and set(r) == set(g) - {
@@ -318,7 +316,7 @@ def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
   mesh = parallel.make_mesh(devices)
   data = device_input.load(config, mesh)
   model = simclr.from_config(config.model, 10)
-  tx, lr = optim.make_optimizer(config.optim, 32, 44, 100)
+  tx, lr = optim.make_optimizer(config.optim, 32, 1437, 100)
   state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(0), (8, 8, 3),
                                                        mesh))  # shapes only: nothing compiles
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,

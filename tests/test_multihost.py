@@ -114,8 +114,8 @@ class _Reference:
     self.config = c = _config()
     self.mesh = parallel.make_mesh(devices)
     self.model = simclr.from_config(c.model, c.data.num_classes)
-    steps_per_epoch = host_input.steps_per_epoch(c)
-    self.tx, lr = optim.make_optimizer(c.optim, c.train.batch_size, steps_per_epoch, STEPS)
+    num_examples = host_input.num_examples(c)
+    self.tx, lr = optim.make_optimizer(c.optim, c.train.batch_size, num_examples, STEPS)
     self.step_fn = train_step.make_train_step(self.model, self.tx, lr, c.loss.temperature,
                                               self.mesh)
 
@@ -139,7 +139,7 @@ class _Reference:
     for step in range(start + 1, end + 1):
       parts = [next(it) for it in its]  # process 0's rows first: its devices come first
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-      state, out = self.step_fn(state, parallel.host_batch_to_global(batch, self.mesh))
+      state, out = self.step_fn(state, parallel.host_batch_to_global(batch, self.mesh), None)
       losses[step] = float(out['loss'])
     return state, losses
 

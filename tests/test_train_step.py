@@ -18,7 +18,7 @@ def _setup(mesh, seed=0):
   cfg.model.width = 1 / 16
   cfg.optim.warmup_epochs = 0.0
   model = simclr.from_config(cfg.model, num_classes=10)
-  tx, lr = optim.make_optimizer(cfg.optim, GLOBAL_BATCH, steps_per_epoch=10, total_steps=100)
+  tx, lr = optim.make_optimizer(cfg.optim, GLOBAL_BATCH, 320, 100)
   state = ts.init_state(model, tx, jax.random.key(seed), IMAGE, mesh)
   step = ts.make_train_step(model, tx, lr, cfg.loss.temperature, mesh)
   return model, state, step
@@ -67,8 +67,8 @@ def test_eight_devices_equal_one_device(one_and_eight):
   for k in m1:
     assert _rel_err(m8[k], m1[k]) < 1e-5, k
 
-  new1, met1 = step1(state1, parallel.host_batch_to_global(batch, mesh1))
-  new8, met8 = step8(state8, parallel.host_batch_to_global(batch, mesh8))
+  new1, met1 = step1(state1, parallel.host_batch_to_global(batch, mesh1), None)
+  new8, met8 = step8(state8, parallel.host_batch_to_global(batch, mesh8), None)
   _assert_trees_close(new8.params, new1.params)
   _assert_trees_close(new8.batch_stats, new1.batch_stats)
   _assert_trees_close(new8.opt_state, new1.opt_state)
@@ -95,7 +95,7 @@ def test_batch_norm_statistics_are_global(devices):
 def test_compiled_step_holds_only_local_rows_of_logits(one_and_eight):
   (_, _, _, _), (mesh8, _, state8, step8) = one_and_eight
   batch = parallel.host_batch_to_global(_batch(), mesh8)
-  hlo = step8.lower(state8, batch).compile().as_text()
+  hlo = step8.lower(state8, batch, None).compile().as_text()
   n_local = GLOBAL_BATCH // mesh8.size
   assert f'f32[{2 * n_local},{2 * GLOBAL_BATCH}]' in hlo
   assert f'[{2 * GLOBAL_BATCH},{2 * GLOBAL_BATCH}]' not in hlo
@@ -109,7 +109,7 @@ def test_steps_lower_the_loss_and_runs_are_deterministic(devices):
     _, state, step = _setup(mesh, seed=3)
     losses = []
     for _ in range(6):
-      state, metrics = step(state, batch)
+      state, metrics = step(state, batch, None)
       losses.append(float(metrics['loss']))
     runs.append((losses, jax.device_get(state.params)))
   (losses, params), (losses_again, params_again) = runs

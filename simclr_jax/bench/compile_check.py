@@ -28,8 +28,9 @@ _TOPOLOGY = flags.DEFINE_string('topology', 'cpu:8',
                                 'cpu[:N], v4-32, v5p-64, v5e-16, v6e-64, v4:2x2x4, ...')
 _OUT = flags.DEFINE_string('out', None, 'JSON output path (default: bench_results/'
                            'compile_<recipe>_<topology>.json).')
-_STEPS_PER_EPOCH = flags.DEFINE_integer(
-    'steps_per_epoch', 312, 'Only shapes the LR schedule (compiled either way); ImageNet at 4096.')
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    'num_examples', 1_281_167, 'Train examples: only shapes the LR schedule (compiled either '
+    'way); default ImageNet\'s.')
 flags.mark_flags_as_required(['config'])
 
 GIB = 2**30
@@ -99,18 +100,19 @@ def topology_devices(name: str) -> tuple[list[Any], int | None]:
   return list(desc.devices), hbm
 
 
-def compile_step(config: Any, devices: list[Any], steps_per_epoch: int = 312) -> dict[str, Any]:
+def compile_step(config: Any, devices: list[Any], num_examples: int = 1_281_167
+                 ) -> dict[str, Any]:
   """Lowers and compiles the recipe's train step for `devices`; returns the figures."""
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from simclr_jax import optim, parallel, pretrain, train_step
+  from simclr_jax import optim, parallel, train_step
   from simclr_jax.models import simclr  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
   batch_size, size = config.train.batch_size, config.data.image_size
   parallel.check_batch_size(batch_size, mesh)
   model = simclr.from_config(config.model, config.data.num_classes)
-  num_steps = pretrain.total_steps(config.train, steps_per_epoch)
-  tx, lr = optim.make_optimizer(config.optim, batch_size, steps_per_epoch, num_steps)
+  num_steps = optim.train_steps(num_examples, config.train)
+  tx, lr = optim.make_optimizer(config.optim, batch_size, num_examples, num_steps)
   state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(config.seed),
                                                        (size, size, 3), mesh))
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
@@ -121,7 +123,7 @@ def compile_step(config: Any, devices: list[Any], steps_per_epoch: int = 312) ->
                                    ('label', (batch_size,), 'int32')]}
   step = train_step.make_train_step(model, tx, lr, config.loss.temperature, mesh)
   started = time.monotonic()
-  lowered = step.lower(state, batch)
+  lowered = step.lower(state, batch, None)
   compiled = lowered.compile()
   seconds = time.monotonic() - started
   mem = compiled.memory_analysis()
@@ -185,7 +187,7 @@ def _run(argv: list[str]) -> None:
   except TopologyUnavailable as e:
     sys.exit(f'skipped: {e}')
   figures = {'config': _CONFIG.value.to_dict(), 'topology': topology}
-  figures.update(compile_step(config, devices, _STEPS_PER_EPOCH.value))
+  figures.update(compile_step(config, devices, _NUM_EXAMPLES.value))
   figures['hbm_per_device_bytes'] = hbm
   figures['versions'] = {p: metadata.version(p) for p in ('jax', 'jaxlib', 'libtpu')
                          if util.find_spec(p.replace('-', '_')) is not None}

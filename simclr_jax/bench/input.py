@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
+import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -66,14 +67,9 @@ def _config(preset: str, folder: str | None) -> Any:
 
 def _host_batches(config: Any) -> Iterator[dict[str, np.ndarray]]:
   """What the host produces per step for config.data.augment_on (numpy, before the transfer)."""
-  if config.data.augment_on == 'device':
-    from simclr_jax import parallel
-    from simclr_jax.data import device_input
-    split = device_input.read_split(config.data, config.data.train_split)
-    layout = device_input.make_layout(split.ids, 1)
-    return device_input.index_stream(layout, config, parallel.make_mesh())
-  from simclr_jax.data import host_input
-  return host_input.train_iterator(config, process_index=0, process_count=1)
+  from simclr_jax import parallel
+  from simclr_jax.data import train_input
+  return train_input.make(config, parallel.make_mesh(jax.devices()[:1])).host_batches(0)
 
 
 def _measure(config: Any) -> dict[str, float]:

@@ -69,7 +69,7 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   parallel.check_batch_size(batch, mesh)
   size = config.data.image_size
   model = simclr.from_config(config.model, config.data.num_classes)
-  tx, lr = optim.make_optimizer(config.optim, batch, 100, 10_000)
+  tx, lr = optim.make_optimizer(config.optim, batch, 50_000, 10_000)
   state = ts.init_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
   rng = np.random.default_rng(0)
   views = {'view1': rng.random((batch, size, size, 3), np.float32),
@@ -79,7 +79,7 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh)
 
   t = time.perf_counter()
-  lowered = step.lower(state, views)
+  lowered = step.lower(state, views, None)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   flops = common.program_flops(lowered)

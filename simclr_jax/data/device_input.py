@@ -25,23 +25,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from simclr_jax import parallel
 from simclr_jax.data import demo_digits, views, views_jax
 
-AUGMENT_ON = ('host', 'split', 'device')
-_SOURCES = ('demo', 'tfds', 'folder')
-
-
-def check_config(config: Any) -> None:
-  """A ValueError naming the key, for an unknown augment_on or a source 'device' cannot hold."""
-  mode = config.data.augment_on
-  if mode not in AUGMENT_ON:
-    raise ValueError(f'config.data.augment_on={mode!r} is not one of {list(AUGMENT_ON)}; set '
-                     "--config.data.augment_on=host (tf.data makes the views), 'split' or "
-                     "'device'.")
-  if mode == 'device' and config.data.source not in _SOURCES:
-    raise ValueError(f'config.data.augment_on=device cannot hold config.data.source='
-                     f'{config.data.source!r} in device memory (only {list(_SOURCES)}); use '
-                     '--config.data.augment_on=split or host.')
-
-
 # --- reading the split into host memory -----------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +129,29 @@ def load(config: Any, mesh: Mesh) -> DeviceDataset:
   return place(split, mesh, config.data.device_replicate_max_mb)
 
 
+# --- the eval split, for evaluation during pretraining --------------------------------------------
+
+def eval_batches(split: HostSplit, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's padded batches {'image': uint8 [b, H, W, 3], 'label', 'mask'} of `split`.
+
+  The raw images: the eval views are made in the jitted forward (views_jax.eval_views), as the
+  train views are. Each process takes rows [process_index::process_count] and every process
+  yields the same number of batches (padding rows: mask False, label -1), so every example is
+  counted once and multi-process forwards stay in lockstep.
+  """
+  pi, pc = jax.process_index(), jax.process_count()
+  local = global_batch // pc
+  rows = np.arange(len(split.ids))[pi::pc]
+  per_process = -(-len(split.ids) // pc)
+  for start in range(0, -(-per_process // local) * local, local):
+    take = rows[start:start + local]
+    pad = local - len(take)
+    yield {'image': np.concatenate([split.images[take],
+                                    np.zeros((pad, *split.images.shape[1:]), np.uint8)]),
+           'label': np.concatenate([split.labels[take], np.full(pad, -1, np.int32)]),
+           'mask': np.arange(local) < len(take)}
+
+
 # --- the host-side index stream ------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
@@ -181,14 +187,13 @@ def index_batch(layout: Layout, seed: int, step: int, global_batch: int,
           'example_id': layout.ids[shard * layout.stride + local].astype(np.int32)}
 
 
-def index_stream(layout: Layout, config: Any, mesh: Mesh, *,
+def index_stream(layout: Layout, seed: int, global_batch: int, mesh: Mesh, *,
                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """This process's rows of the index batches of steps start_step, start_step + 1, ..."""
-  batch = config.train.batch_size
-  rows = parallel.process_rows(batch, mesh)
+  rows = parallel.process_rows(global_batch, mesh)
   step = start_step
   while True:
-    yield index_batch(layout, config.seed, step, batch, rows)
+    yield index_batch(layout, seed, step, global_batch, rows)
     step += 1
 
 
@@ -209,10 +214,10 @@ def device_prepare(config: Any, mesh: Mesh, layout: Layout):
 
   def prepare(batch: dict[str, jax.Array], data: dict[str, jax.Array]) -> dict[str, jax.Array]:
     examples = gather(data, batch['index'], mesh, layout.sharded)
-    views = {f'view{v + 1}': views_jax.train_views(
+    made = {f'view{v + 1}': views_jax.train_views(
         examples['image'], views_jax.view_keys(seed, batch['epoch'], batch['example_id'], v),
         cfg) for v in (0, 1)}
-    return dict(views, label=examples['label'])
+    return dict(made, label=examples['label'])
   return prepare
 
 
@@ -222,8 +227,8 @@ def split_prepare(config: Any):
 
   def prepare(batch: dict[str, jax.Array], data: None) -> dict[str, jax.Array]:
     del data
-    views = {k: views_jax.finish_views(
+    made = {k: views_jax.finish_views(
         batch[k], views_jax.view_keys(seed, batch['epoch'], batch['index'], v), cfg)
         for v, k in enumerate(('view1', 'view2'))}
-    return dict(views, label=batch['label'])
+    return dict(made, label=batch['label'])
   return prepare

@@ -1,8 +1,9 @@
-"""Frozen-feature extraction on the mesh and top-k accuracy, shared by every evaluator.
+"""Inference on the mesh over a padded input, and top-k accuracy: shared by every evaluator.
 
-`make_feature_fn` is the one jitted inference forward (batch sharded on "data");
-`extract_features` runs it over a padded, per-process input and gathers every real row on every
-process, so each example counts exactly once on any number of devices and processes.
+`make_predict_fn` is the one jitted inference forward (variables replicated, batch and outputs
+sharded on "data"); `extract` runs it over a per-process padded input (rows with mask False are
+padding) and gathers every real row on every process, so each example counts exactly once on any
+number of devices and processes.
 """
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -15,45 +16,51 @@ from jax.sharding import Mesh
 
 from simclr_jax import parallel
 
-FeatureFn = Callable[[Any, jax.Array], jax.Array]
+# (variables, images [b, H, W, 3]) -> a pytree of [b, ...] arrays.
+PredictFn = Callable[[Any, jax.Array], Any]
 
-# --- features ------------------------------------------------------------------------------------
+
+def model_outputs(model: nn.Module, names: Sequence[str] = ('h',)) -> PredictFn:
+  """The SimCLR model in inference mode (BN statistics frozen), keeping outputs `names` in f32."""
+  names = tuple(names)
+
+  def apply(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+    out = model.apply(variables, images, train=False)
+    return {k: out[k].astype(jnp.float32) for k in names}
+
+  return apply
 
 
-def make_feature_fn(model: nn.Module, mesh: Mesh) -> FeatureFn:
-  """Jitted encoder forward in inference mode: (variables, images sharded on "data") → h."""
-
-  def features(variables: Any, images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False)['h'].astype(jnp.float32)
-
-  return jax.jit(features,
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+def make_predict_fn(apply_fn: PredictFn, mesh: Mesh) -> PredictFn:
+  """`apply_fn` jitted for `mesh`: variables replicated; images and every output sharded."""
+  return jax.jit(apply_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
 
 
-def extract_features(feature_fn: FeatureFn, variables: Any,
-                     batches: Iterable[Mapping[str, np.ndarray]],
-                     mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Features and labels of every row with a true 'mask', gathered so every process has all.
+def extract(predict_fn: PredictFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+            mesh: Mesh) -> tuple[Any, np.ndarray]:
+  """(outputs, labels) of every row with a true 'mask', gathered so every process has all.
 
-  Each batch is this process's numpy slice {'image', 'label', 'mask'}; padded rows (mask 0) are
-  dropped, so a padded eval set counts each example exactly once. Rows come back in global batch
-  order (process 0's rows of a batch, then process 1's, ...), batch after batch.
+  Each batch is this process's numpy slice {'image', 'label', 'mask'}; padded rows are dropped,
+  so a padded input counts each example exactly once. `outputs` has predict_fn's structure with
+  numpy leaves [n, ...]; rows come in global batch order (process 0's rows of a batch, then
+  process 1's, ...), batch after batch.
   """
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  feats, labels = [], []
+  outs, labels = [], []
   for batch in batches:
     arrays = parallel.host_batch_to_global(
         {k: batch[k] for k in ('image', 'label', 'mask')}, mesh)
-    h = feature_fn(variables, arrays['image'])
-    h, label, mask = multihost_utils.process_allgather(
-        (h, arrays['label'], arrays['mask']), tiled=True)
+    out = predict_fn(variables, arrays['image'])
+    out, label, mask = multihost_utils.process_allgather(
+        (out, arrays['label'], arrays['mask']), tiled=True)
     keep = np.asarray(mask).astype(bool)
-    feats.append(np.asarray(h, np.float32)[keep])
+    outs.append(jax.tree.map(lambda x: np.asarray(x)[keep], out))
     labels.append(np.asarray(label)[keep])
-  if not feats:
-    raise ValueError('extract_features got no batches.')
-  return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+  if not outs:
+    raise ValueError('extract got no batches.')
+  return (jax.tree.map(lambda *xs: np.concatenate(xs), *outs),
+          np.concatenate(labels).astype(np.int32))
 
 
 # --- top-k accuracy ------------------------------------------------------------------------------
