@@ -71,6 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_proj_layers = 2  # 2 = SimCLRv1, 3 = SimCLRv2
   c.model.proj_dim = 128
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params, BN stats, loss f32)
+  # How convolutions run (same parameters and results either way, so checkpoints move freely):
+  # 'lax' (XLA's convolution), 'im2col' (patches + one matmul each), 'auto' (fastest for the
+  # backend: 'im2col' on CPU, 'lax' on GPU/TPU; README "Performance").
+  c.model.conv_impl = 'auto'
+  # Recompute each residual block's activations in the backward pass (jax.checkpoint): less
+  # device memory for about one more forward pass of compute.
+  c.model.remat = False
 
   # --- loss -----------------------------------------------------------------------------------
   # Official objective: the mean over the N examples of the two directions' NT-Xent summed
@@ -94,6 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
   # --- training loop --------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 512  # global batch, over all devices and hosts (official --train_batch_size)
+  # Gradient caching: each device runs its rows in this many chunks, so activation memory is
+  # about one chunk's, for one extra forward pass of compute. NT-Xent and its gradient stay exact
+  # over the whole global batch; batch norm normalises each chunk with its own statistics
+  # (ghost BN over the chunk's rows on all devices); running statistics get one update per step
+  # from the mean of the chunks' statistics. 1: no chunking (BN over the global batch). Must
+  # divide the per-device batch (README "Large batches on little memory").
+  c.train.chunks = 1
   # Steps: official get_train_steps, N * epochs // batch_size + 1 (epochs may be fractional);
   # steps > 0 overrides it.
   c.train.epochs = 1000.0

@@ -1,4 +1,4 @@
-"""SimCLR view ops in JAX (DESIGN.md "views"): pure functions of (image, key), vmapped per example.
+"""SimCLR view ops in JAX (views.py): pure functions of (image, key), vmapped per example.
 
 The same distributions as the tf.data ops in data/views_tf.py (not the same random numbers), for
 making views inside the jitted step: whole views of a device-resident uint8 data set
@@ -6,12 +6,11 @@ making views inside the jitted step: whole views of a device-resident uint8 data
 flipped ('split'). Deterministic ops reproduce their TF counterparts to float rounding. Nothing
 here imports TensorFlow, so the 'device' path runs where only JAX is installed.
 """
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax.data import views
 from simclr_jax.data.views import CROP_TRIES, ViewConfig
 
 # Full f32 matmuls: GPUs and TPUs otherwise round the inputs to TF32 / bf16. On an H100 the
@@ -44,26 +43,85 @@ def view_keys(seed: int, epoch: jax.Array, index: jax.Array, view: int) -> jax.A
   return jax.vmap(lambda e, i: fold(fold(fold(jax.random.key(seed), e), i), view))(epoch, index)
 
 
-def sample_crop_window(key: jax.Array, height: int | jax.Array, width: int | jax.Array,
-                       area: tuple[float, float], aspect: tuple[float, float],
-                       tries: int = CROP_TRIES) -> jax.Array:
-  """Random-resized-crop window int32 [y, x, h, w]: views_tf.sample_crop_window's algorithm.
+def _rand_float(bits: jax.Array) -> jax.Array:
+  """uint32 → float32 uniform in [0, 1) from 23 bits, as Philox's RandFloat (and jax's uniform)."""
+  one = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
+  return one - 1.0
 
-  `tries` (area fraction, log-aspect) pairs at once, the first that fits, else the whole image.
+
+def _uniform_int(bits: jax.Array, n: jax.Array) -> jax.Array:
+  """int32 uniform in [0, n) from uint32 bits: floor(bits * n / 2^32), for 0 <= n < 2^16.
+
+  The 64-bit product from two 16-bit halves (no x64 in JAX); its bias, at most n / 2^32, is
+  far below what any test resolves (TF's Uniform(n) rejects instead). JPEG sides are < 2^16.
   """
-  h_img, w_img = jnp.asarray(height, jnp.float32), jnp.asarray(width, jnp.float32)
+  n = n.astype(jnp.uint32)
+  high = (bits >> 16) * n + (((bits & np.uint32(0xFFFF)) * n) >> 16)
+  return (high >> 16).astype(jnp.int32)
+
+
+def _lrintf(x: jax.Array) -> jax.Array:
+  """C's lrintf: float32 to the nearest integer, halves to even (jnp.round rounds half to even)."""
+  return jnp.round(x).astype(jnp.int32)
+
+
+def sample_crop_window(key: jax.Array, height: int | jax.Array, width: int | jax.Array,
+                       cfg: ViewConfig) -> jax.Array:
+  """Random-resized-crop window int32 [y, x, h, w]: tf.image.sample_distorted_bounding_box's.
+
+  A port of TF's kernel (sample_distorted_bounding_box_op.cc) with the official SimCLR
+  arguments (views_tf.sample_crop_window): the same distribution, not the same random numbers.
+  Per attempt: aspect uniform in cfg.crop_aspect; GenerateRandomCrop draws the height
+  uniformly between those of the smallest and largest area and rounds as the kernel does, in
+  float32; SatisfiesOverlapConstraints keeps crops of at least cfg.min_object_covered of the
+  image. The first of CROP_TRIES attempts that passes, else the whole image. The attempts run
+  side by side (no loop), for a traced (height, width).
+  """
+  h_img, w_img = jnp.asarray(height, jnp.int32), jnp.asarray(width, jnp.int32)
+  hf, wf = h_img.astype(jnp.float32), w_img.astype(jnp.float32)
+  f32 = np.float32
+  aspect_lo, aspect_hi = f32(cfg.crop_aspect[0]), f32(cfg.crop_aspect[1])
   # One draw for everything: each vmapped threefry call adds up to a second of CPU compile time.
-  u = jax.random.uniform(key, [2 * tries + 2])
-  target = (area[0] + (area[1] - area[0]) * u[:tries]) * h_img * w_img
-  log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-  ratio = jnp.exp(log_lo + (log_hi - log_lo) * u[tries:2 * tries])
-  w, h = jnp.round(jnp.sqrt(target * ratio)), jnp.round(jnp.sqrt(target / ratio))
-  fits = (w >= 1) & (h >= 1) & (w <= w_img) & (h <= h_img)
-  first = jnp.argmax(fits)
-  h = jnp.where(fits.any(), h[first], h_img)
-  w = jnp.where(fits.any(), w[first], w_img)
-  y = jnp.minimum(jnp.floor(u[-2] * (h_img - h + 1)), h_img - h)
-  x = jnp.minimum(jnp.floor(u[-1] * (w_img - w + 1)), w_img - w)
+  bits = jax.random.bits(key, [2 * CROP_TRIES + 2], jnp.uint32)
+  aspect = _rand_float(bits[:CROP_TRIES]) * f32(aspect_hi - aspect_lo) + aspect_lo
+
+  # GenerateRandomCrop, every attempt at once.
+  min_area = f32(cfg.crop_area[0]) * wf * hf
+  max_area = f32(cfg.crop_area[1]) * wf * hf
+  h = _lrintf(jnp.sqrt(min_area / aspect))
+  max_h = _lrintf(jnp.sqrt(max_area / aspect))
+  # Where the widest crop rounds wider than the image, the kernel caps max_height at
+  # (W + 0.5 - 1e-7) / aspect, one less if that still rounds wider. It computes that quotient
+  # in double: float32 truncates differently only within ~1e-7 of an integer.
+  capped = ((wf + 0.5 - f32(1e-7)) / aspect).astype(jnp.int32)
+  capped = jnp.where(_lrintf(capped * aspect) > w_img, capped - 1, capped)
+  max_h = jnp.where(_lrintf(max_h * aspect) > w_img, capped, max_h)
+  max_h = jnp.minimum(max_h, h_img)
+  h = jnp.minimum(h, max_h)
+  # Uniform(max_h - h + 1): an integer in the closed range [h, max_h].
+  h = h + jnp.where(h < max_h, _uniform_int(bits[CROP_TRIES:2 * CROP_TRIES], max_h - h + 1), 0)
+  w = _lrintf(h * aspect)
+  area = (w * h).astype(jnp.float32)
+  # The kernel's corrections of rounding errors: one row more, then one row fewer.
+  h = jnp.where(area < min_area, h + 1, h)
+  w = _lrintf(h * aspect)
+  area = (w * h).astype(jnp.float32)
+  h = jnp.where(area > max_area, h - 1, h)
+  w = _lrintf(h * aspect)
+  area = (w * h).astype(jnp.float32)
+  ok = ((area >= min_area) & (area <= max_area) & (w <= w_img) & (h <= h_img) & (w > 0)
+        & (h > 0))
+  # SatisfiesOverlapConstraints against the one box, the whole image (which contains the crop).
+  ok &= (area >= 1.0) & (area / (w_img * h_img).astype(jnp.float32)
+                         >= f32(cfg.min_object_covered))
+
+  first, found = jnp.argmax(ok), ok.any()
+  h = jnp.where(found, h[first], h_img)
+  w = jnp.where(found, w[first], w_img)
+  # Uniform(H - h) is in [0, H - h): the crop touches the bottom (right) edge only when h == H.
+  # Drawn once for the chosen attempt: the kernel's per-attempt draws are independent of it.
+  y = jnp.where(h < h_img, _uniform_int(bits[-2], h_img - h), 0)
+  x = jnp.where(w < w_img, _uniform_int(bits[-1], w_img - w), 0)
   return jnp.stack([y, x, h, w]).astype(jnp.int32)
 
 
@@ -77,7 +135,7 @@ def sample_view_params(key: jax.Array, cfg: ViewConfig, height: int | jax.Array,
   factors = lo + (1.0 + d - lo) * u[5:8]
   hue = 0.2 * cfg.jitter_strength
   return {
-      'window': sample_crop_window(k_crop, height, width, cfg.crop_area, cfg.crop_aspect),
+      'window': sample_crop_window(k_crop, height, width, cfg),
       'flip': (u[0] < 0.5) & cfg.flip,
       'jitter': u[1] < cfg.jitter_prob,
       'brightness': factors[0], 'contrast': factors[1], 'saturation': factors[2],
@@ -145,6 +203,18 @@ def resize(images: jax.Array, size: int) -> jax.Array:
   x = _to_float(images)
   h, w = x.shape[-3], x.shape[-2]
   return _resample(x, _resample_matrix(0, h, h, size), _resample_matrix(0, w, w, size))
+
+
+def eval_views(images: jax.Array, size: int) -> jax.Array:
+  """Eval views of [n, H, W, 3] uint8 or float images: views_tf.eval_view's crop and resize.
+
+  The centre crop of views.eval_window (static: every image of the batch has the same shape),
+  then TF's bicubic resize to [n, size, size, 3] float32 in [0, 1].
+  """
+  height, width = images.shape[1:3]
+  y, x, h, w = views.eval_window(height, width, size)
+  return _resample(_to_float(images), _resample_matrix(y, h, height, size),
+                   _resample_matrix(x, w, width, size))
 
 
 def _hue_range(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -1,10 +1,9 @@
-"""SimCLR view ops (DESIGN.md "views") as pure functions of (image, seed).
+"""SimCLR view ops (views.py) as pure functions of (image, seed), for tf.data on the host.
 
 Every random draw uses stateless TF ops keyed by a seed derived from (run seed, epoch, example
 index, view index), so a view can be recomputed exactly after a restart. Sampling is split from
 application (`sample_view_params` / `apply_view`) so tests can check the distributions directly.
 """
-import math
 from typing import Any
 
 from simclr_jax.data.tf_cpu import tf
@@ -22,28 +21,18 @@ def view_seed(seed: Any, epoch: Any, index: Any, view: Any) -> tf.Tensor:
   return s
 
 
-def sample_crop_window(seed: tf.Tensor, shape: tf.Tensor, area: tuple[float, float],
-                       aspect: tuple[float, float], tries: int = CROP_TRIES) -> tf.Tensor:
-  """Random-resized-crop window [y, x, h, w] (int32) for an image of `shape` [H, W, ...].
+def sample_crop_window(seed: tf.Tensor, shape: tf.Tensor, cfg: ViewConfig) -> tf.Tensor:
+  """Random-resized-crop window [y, x, h, w] (int32) for an image of `shape` [H, W, C].
 
-  Draws `tries` (area fraction, log-aspect) pairs at once and takes the first that fits, else the
-  whole image (the SimCLR/Inception fallback). Vectorised tries avoid a tf.while_loop.
+  The official SimCLR crop (data_util.distorted_bounding_box_crop): the whole image as the one
+  bounding box, at least `min_object_covered` of it kept, `CROP_TRIES` attempts, else the whole
+  image; the stateless op, so the window is a function of the seed.
   """
-  h_img, w_img = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  s_area, s_aspect, s_offset = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  target = tf.random.stateless_uniform([tries], s_area, area[0], area[1]) * h_img * w_img
-  ratio = tf.exp(tf.random.stateless_uniform(
-      [tries], s_aspect, math.log(aspect[0]), math.log(aspect[1])))
-  w, h = tf.round(tf.sqrt(target * ratio)), tf.round(tf.sqrt(target / ratio))
-  fits = (w >= 1) & (h >= 1) & (w <= w_img) & (h <= h_img)
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  any_fits = tf.reduce_any(fits)
-  h = tf.where(any_fits, h[first], h_img)
-  w = tf.where(any_fits, w[first], w_img)
-  u = tf.random.stateless_uniform([2], s_offset)
-  y = tf.minimum(tf.floor(u[0] * (h_img - h + 1)), h_img - h)
-  x = tf.minimum(tf.floor(u[1] * (w_img - w + 1)), w_img - w)
-  return tf.cast(tf.stack([y, x, h, w]), tf.int32)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+      min_object_covered=cfg.min_object_covered, aspect_ratio_range=cfg.crop_aspect,
+      area_range=cfg.crop_area, max_attempts=CROP_TRIES, use_image_if_no_bounding_boxes=True)
+  return tf.cast(tf.stack([begin[0], begin[1], size[0], size[1]]), tf.int32)
 
 
 def sample_view_params(seed: tf.Tensor, cfg: ViewConfig) -> dict[str, tf.Tensor]:
@@ -131,9 +120,7 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Te
 
 def apply_view(image: tf.Tensor, p: dict[str, tf.Tensor], cfg: ViewConfig) -> tf.Tensor:
   """Applies drawn params: crop+resize → flip → jitter → grayscale → blur; float32 in [0, 1]."""
-  crop = decode_and_crop(
-      image, lambda shape: sample_crop_window(p['crop_seed'], shape, cfg.crop_area,
-                                              cfg.crop_aspect))
+  crop = decode_and_crop(image, lambda shape: sample_crop_window(p['crop_seed'], shape, cfg))
   x = _resize(crop, cfg.size)
   x = tf.cond(p['flip'], lambda: tf.image.flip_left_right(x), lambda: x)
   x = tf.cond(p['jitter'], lambda: _color_jitter(x, p), lambda: x)
