@@ -1,30 +1,34 @@
-"""Checkpoints, the run's config.json and workdir checks (DESIGN.md "Checkpoints and resume").
+"""Checkpoints of the TrainState with orbax, and what to do with a step that does not restore.
 
 Thin wrappers over orbax's `CheckpointManager` (written against orbax-checkpoint 0.12.8): one
 item, the whole `TrainState`, saved asynchronously to WORKDIR/checkpoints/<step>/. Orbax writes
 each step into a temporary directory and renames it only once every process has finished, so
 an interrupted save never replaces or damages an earlier checkpoint; steps still in a temporary
 directory are invisible to `latest_step` and `restore_latest`.
+
+A finished step can still be damaged afterwards (a file deleted or cut short on the storage).
+`restore_latest` then resumes from the newest step that restores and moves the damaged ones to
+WORKDIR/checkpoints/<step>.damaged (a name orbax ignores; nothing is deleted), with a warning
+naming them; when no step restores it stops with a ConfigError naming them and the fix. The
+rest of the workdir (config.json, the lock, the start-up checks) is `simclr_jax.workdir`.
 """
-import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
-CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
+from simclr_jax.errors import ConfigError
+from simclr_jax.workdir import CHECKPOINT_DIR
+
 # Orbax's single-item layout: WORKDIR/checkpoints/<step>/default/.
 _ITEM = 'default'
-# Keys that define the model or the batch: a restart that changes them cannot resume.
-_INCOMPATIBLE_PREFIXES = ('model.',)
-_INCOMPATIBLE_KEYS = ('train.batch_size', 'data.image_size', 'data.num_classes')
+DAMAGED_SUFFIX = '.damaged'  # WORKDIR/checkpoints/<step>.damaged: not a step name to orbax
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -87,10 +91,145 @@ def restore(mgr: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
   return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _why(error: Exception) -> str:
+  """A one-line reason from an orbax/tensorstore exception (their messages run long)."""
+  first = (str(error).strip().splitlines() or [''])[0]
+  return f'{type(error).__name__}: {first[:300]}'
+
+
+def _saved_tree(step_dir: epath.Path) -> Any:
+  """The tree metadata of a step's item: a missing or cut _METADATA file fails here, clearly."""
+  return ocp.PyTreeCheckpointHandler().metadata(step_dir / _ITEM).tree
+
+
+def _read_numpy(step_dir: epath.Path, keys: tuple[str, ...] | None = None) -> Any:
+  """The saved tree of one step (or its top-level `keys`) as host numpy arrays.
+
+  By this process alone (no barrier with the others), from the tree's own metadata: needs
+  neither a target structure nor a mesh.
+  """
+  me = jax.process_index()
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(),
+                        multiprocessing_options=ocp.options.MultiprocessingOptions(
+                            primary_host=me, active_processes={me})) as ckptr:
+    saved = _saved_tree(step_dir)
+    wanted = saved if keys is None else {k: saved[k] for k in keys}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    return ckptr.restore(step_dir / _ITEM, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=keys is not None))
+
+
+def _check_layout(step_dir: epath.Path, target_state: Any) -> None:
+  """ConfigError when a step holds a train state of another layout than `target_state`.
+
+  Not damage: a checkpoint written by an older simclr_jax (e.g. with an RNG in the state, or
+  another optimiser state) reads fine but cannot be resumed. It is never moved aside.
+  """
+  saved = set(ocp.tree.to_flat_dict(_saved_tree(step_dir)))
+  wanted = set(ocp.tree.to_flat_dict(target_state))
+  if saved != wanted:
+    show = lambda keys: sorted('/'.join(map(str, k)) for k in keys)[:3]  # noqa: E731
+    raise _LayoutError(
+        f'checkpoint {step_dir} holds a train state of another layout than this version '
+        f'trains (only in the checkpoint: {show(saved - wanted)}; only in this version: '
+        f'{show(wanted - saved)}): it was written by an earlier simclr_jax. It cannot be '
+        'resumed; start again with a new --workdir. The evaluation and export jobs still read '
+        'its encoder (--config.pretrain_workdir).')
+
+
+class _LayoutError(ConfigError):
+  """A checkpoint of another train-state layout: a stop, never treated as damage."""
+
+
+def _newest_readable(steps: list[int], read: Callable[[int], Any]
+                     ) -> tuple[int | None, Any, dict[int, str]]:
+  """(newest of `steps` that `read` reads, what it returned, {newer step: why it did not}).
+
+  One process decides (process 0; the steps are on storage every process sees) and the others
+  get its choice, so all restore the same step. They get None for the value and no reasons.
+  A step of another layout (_LayoutError) stops every process.
+  """
+  chosen, value, problems, layout = None, None, {}, None
+  if jax.process_index() == 0:
+    for step in steps:
+      try:
+        value = read(step)
+      except _LayoutError as e:
+        layout = e
+        break
+      except Exception as e:  # pylint: disable=broad-except  # any failure = this step is bad
+        problems[step] = _why(e)
+        continue
+      chosen = step
+      break
+  code = -2 if layout is not None else (-1 if chosen is None else chosen)
+  if jax.process_count() > 1:
+    code = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+  if code == -2:
+    raise layout or _LayoutError('the latest checkpoint holds a train state of another layout '
+                                 "than this version trains: see process 0's log.")
+  chosen = None if code < 0 else code
+  damaged = {s: problems.get(s, "see process 0's log") for s in steps
+             if chosen is None or s > chosen}
+  return chosen, value, damaged
+
+
+def _move_aside(mgr: ocp.CheckpointManager, damaged: dict[int, str], resumed: int) -> None:
+  """Renames the damaged steps to <step>.damaged (process 0), then every manager re-lists."""
+  if jax.process_index() == 0:
+    for step, why in sorted(damaged.items()):
+      src = epath.Path(mgr.directory) / str(step)
+      dst = src.parent / f'{step}{DAMAGED_SUFFIX}'
+      n = 0
+      while dst.exists():
+        n += 1
+        dst = src.parent / f'{step}{DAMAGED_SUFFIX}.{n}'
+      try:
+        src.rename(dst)
+      except OSError as e:
+        raise ConfigError(
+            f'checkpoint step {step} in {src.parent} does not restore ({why}) and could not be '
+            f'moved aside ({e}); move {src} out of the way yourself, then rerun.') from e
+      logging.warning('Checkpoint step %d in %s does not restore (%s): moved it to %s (kept, '
+                      'nothing deleted); resuming from step %d.', step, src.parent, why, dst,
+                      resumed)
+  if jax.process_count() > 1:  # The others re-list only once the renames are done.
+    multihost_utils.sync_global_devices('simclr_jax checkpoint: damaged steps moved aside')
+  mgr.reload()
+
+
 def restore_latest(mgr: ocp.CheckpointManager, target_state: Any) -> Any | None:
-  """Restores the latest finished step into `target_state`'s layout, or None if there is none."""
-  step = mgr.latest_step()
-  return None if step is None else restore(mgr, step, target_state)
+  """Restores the newest step that restores into `target_state`'s layout; None if none saved.
+
+  Newer steps that do not restore are moved aside to <step>.damaged with a warning; if no step
+  restores, a ConfigError names them and the fix. Every process takes the same decision: in a
+  multi-process run process 0 reads candidate steps into host memory first and tells the
+  others which one to restore, since orbax's collective restore cannot be retried after it
+  failed on some processes only.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  single = jax.process_count() == 1
+  def read(step: int) -> Any:
+    step_dir = epath.Path(mgr.directory) / str(step)
+    _check_layout(step_dir, target_state)  # also the clearer first check of _METADATA
+    # One process: the restore itself tells whether a step restores. Several: process 0 reads
+    # into host memory first (orbax's collective restore cannot be retried after a failure).
+    return restore(mgr, step, target_state) if single else _read_numpy(step_dir)
+  step, restored, damaged = _newest_readable(steps, read)
+  if step is None:
+    reasons = '; '.join(f'step {s}: {why}' for s, why in damaged.items())
+    raise ConfigError(
+        f'No checkpoint in {mgr.directory} restores ({reasons}). They are left as they are. '
+        f'To start this run again from step 0, move them out of the way (e.g. `mv '
+        f'{mgr.directory}/{steps[0]} {mgr.directory}/{steps[0]}{DAMAGED_SUFFIX}`: orbax ignores '
+        'that name), or pass a new --workdir.')
+  if not single:
+    restored = restore(mgr, step, target_state)
+  if damaged:
+    _move_aside(mgr, damaged, step)
+  return restored
 
 
 def latest_step(workdir: str) -> int | None:
@@ -113,88 +252,34 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[int, dict[
   """Reads only params and batch_stats of a pretraining checkpoint, as host numpy arrays.
 
   Needs neither the optimiser nor a mesh: a partial restore by the saved tree's own metadata,
-  so the evaluation job can load any pretraining checkpoint. Returns (step, variables).
+  so the evaluation job can load any pretraining checkpoint. Returns (step, variables). With
+  `step` None it is the newest step that restores (a warning names newer ones that do not;
+  the pretraining run moves those aside when it resumes); a `step` that does not restore is a
+  ConfigError.
   """
-  if step is None:
-    step = latest_step(workdir)
-  if step is None:
-    raise FileNotFoundError(
-        f'no checkpoint in {checkpoint_dir(workdir)}; run pretraining first or check '
-        'config.pretrain_workdir')
-  path = checkpoint_dir(workdir) / str(step) / _ITEM
-  if not path.exists():
-    raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)} '
-                            f'(available: {ocp.step.checkpoint_steps(checkpoint_dir(workdir))})')
-  ckptr = ocp.PyTreeCheckpointer()
-  saved = ckptr.metadata(path).item_metadata.tree
-  wanted = {k: saved[k] for k in ('params', 'batch_stats')}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  variables = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True))
-  return step, variables
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/config.json (sorted, indented), on process 0 only."""
-  if jax.process_index() != 0:
-    return
-  path = epath.Path(workdir) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(sort_keys=True, indent=2) + '\n')
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """Reads WORKDIR/config.json back into a ConfigDict (tuples come back as lists)."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f'no {CONFIG_FILE} in {workdir}; is it a simclr_jax workdir?')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-def _as_json(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
-  """The config as plain JSON values, so a saved config and a new one compare like for like."""
-  if isinstance(config, ml_collections.ConfigDict):
-    return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(config, default=str))
-
-
-def check_compatible(saved: ml_collections.ConfigDict | dict,
-                     new: ml_collections.ConfigDict | dict) -> None:
-  """Raises ValueError listing the model/batch keys a restart changed (others may change)."""
-  old_flat, new_flat = _flatten(_as_json(saved)), _flatten(_as_json(new))
-  keys = sorted(k for k in set(old_flat) | set(new_flat)
-                if k.startswith(_INCOMPATIBLE_PREFIXES) or k in _INCOMPATIBLE_KEYS)
-  missing = object()
-  diffs = [(k, old_flat.get(k, missing), new_flat.get(k, missing)) for k in keys
-           if old_flat.get(k, missing) != new_flat.get(k, missing)]
-  if diffs:
-    show = lambda v: '<absent>' if v is missing else repr(v)  # noqa: E731
-    lines = '\n'.join(f'  {k}: {show(a)} -> {show(b)}' for k, a, b in diffs)
-    raise ValueError(
-        'This workdir holds a run whose model or batch differs from the new config, so its '
-        f'checkpoints cannot be resumed:\n{lines}\n'
-        'Use a new --workdir or restore the old values.')
-
-
-def ensure_writable(workdir: str) -> None:
-  """Creates `workdir` if needed and checks it is writable, with an error naming --workdir."""
-  path = epath.Path(workdir)
-  probe = path / f'.write_test.{jax.process_index()}.{os.getpid()}'
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise PermissionError(
-        f'--workdir={workdir} is not writable ({e}); pass a directory you can write to.') from e
+  ckpt_dir = checkpoint_dir(workdir)
+  steps = sorted(ocp.step.checkpoint_steps(ckpt_dir), reverse=True)
+  if not steps:
+    raise ConfigError(
+        f'no checkpoint in {ckpt_dir}; run pretraining first or check config.pretrain_workdir')
+  if step is not None:
+    if step not in steps:
+      raise ConfigError(f'no checkpoint for step {step} in {ckpt_dir} (available: '
+                        f'{sorted(steps)}); set config.checkpoint_step to one of them (-1: latest)')
+    steps = [step]
+  read = lambda s: _read_numpy(ckpt_dir / str(s), ('params', 'batch_stats'))  # noqa: E731
+  chosen, variables, damaged = _newest_readable(steps, read)
+  if chosen is None:
+    reasons = '; '.join(f'step {s}: {why}' for s, why in damaged.items())
+    if step is not None:
+      raise ConfigError(f'checkpoint step {step} in {ckpt_dir} does not restore ({reasons}); '
+                        'pass another --config.checkpoint_step (or -1: the newest that '
+                        'restores).')
+    raise ConfigError(f'no checkpoint in {ckpt_dir} restores ({reasons}); pretrain again (in '
+                      'a new --workdir, or after moving these steps aside) before evaluating.')
+  for s, why in damaged.items():
+    logging.warning('Checkpoint step %d in %s does not restore (%s); using step %d instead.',
+                    s, ckpt_dir, why, chosen)
+  if variables is None:  # Another process chose it.
+    variables = read(chosen)
+  return chosen, variables

@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 
 from simclr_jax import checkpoint, metrics, optim, parallel, train_step
+from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import train_input
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import monitor as eval_monitor
@@ -109,15 +110,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # --- mesh and checks that need no compilation ---------------------------------------------
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    checkpoint.ensure_writable(workdir)
-    if checkpoint.latest_step(workdir) is not None:
-      checkpoint.check_compatible(checkpoint.read_config(workdir), config)
+    workdir_lib.ensure_writable(workdir, checkpoints=True)
+    stack.enter_context(workdir_lib.lock(workdir))  # one run per workdir, released on any exit
+    saved = (workdir_lib.read_config(workdir) if checkpoint.latest_step(workdir) is not None
+             else None)
+    if config.data.source == 'folder':  # one class list for the whole run, in every split
+      if saved is not None and not config.data.classes:
+        config.data.classes = tuple(saved.data.get('classes', ()))
+      from simclr_jax.data import sources  # pylint: disable=g-import-not-at-top  (TensorFlow)
+      config.data.classes = sources.folder_classes(config.data)
+    if saved is not None:
+      workdir_lib.check_compatible(saved, config)
 
     # --- input: counts, the host stream and the in-step half of the views ---------------------
     data = train_input.make(config, mesh)
     _check_num_classes(config, data.num_classes)
     num_steps = optim.train_steps(data.num_examples, config.train)
-    checkpoint.write_config(workdir, config)
 
     # --- model, optimiser, state; resume if the workdir has a checkpoint ----------------------
     model = simclr.from_config(config.model, config.data.num_classes)
@@ -134,6 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if start_step:
       logging.info('Resuming from the checkpoint at step %d of %d.', start_step, num_steps)
     _stop_before_training(stop, workdir)
+    workdir_lib.start_segment(workdir, config, start_step)  # config.json + config_history.jsonl
 
     # --- step and input stream --------------------------------------------------------------
     step_fn = train_step.make_train_step(model, tx, learning_rate, config.loss.temperature, mesh,

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from configs import base, demo
 from simclr_jax import checkpoint, parallel, pretrain
+from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import demo_digits, device_input, train_input, views_jax
 from simclr_jax import metrics
 
@@ -395,7 +396,7 @@ def test_device_run_imports_no_tensorflow(device_run):
   workdir, out = device_run
   assert 'TENSORFLOW MODULES: []' in out
   assert f'step {STEPS}/{STEPS}' in out
-  assert checkpoint.read_config(str(workdir))['data']['augment_on'] == 'device'
+  assert workdir_lib.read_config(str(workdir))['data']['augment_on'] == 'device'
 
 
 def test_device_run_learns_like_the_host_run(device_run, tmp_path, cache):

@@ -1,22 +1,53 @@
-"""Checkpoint round trips, re-sharding on restore, retention, safety and config checks."""
-import json
-import os
+"""Checkpoint round trips, re-sharding on restore, retention, safety and damaged steps.
 
+A tiny pytree state (a flax struct like TrainState, with an optax state holding empty and masked
+parts) stands in for the model: what is tested is orbax's handling of the tree, not the model.
+"""
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import base
-from simclr_jax import checkpoint, optim, parallel
-from simclr_jax import train_step as ts
-from simclr_jax.models import simclr
+from simclr_jax import checkpoint, parallel
+from simclr_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A read that fails on a damaged file leaves tensorstore callbacks that land on orbax's closed
+# event loop; Python reports them as ignored exceptions at garbage collection. Harmless.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
 
-def _config():
-  cfg = base.get_config()
-  cfg.model.width = 0.0625
-  return cfg
+@flax.struct.dataclass
+class TinyState:
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+
+
+_TX = optax.chain(optax.add_decayed_weights(1e-4, mask={'w': True, 'b': False}),
+                  optax.sgd(0.1, momentum=0.9))
+
+
+def _tiny(step, seed=0):
+  """A state whose every leaf is random (init leaves momentum at zero: a blind comparison)."""
+  rng = np.random.default_rng(seed)
+  params = {'w': rng.standard_normal((4, 3)).astype(np.float32),
+            'b': rng.standard_normal(3).astype(np.float32)}
+  opt_state = jax.tree.map(lambda x: rng.standard_normal(np.shape(x)).astype(np.float32),
+                           _TX.init(params))
+  return TinyState(step=np.int32(step), params=params,
+                   batch_stats={'mean': rng.standard_normal(3).astype(np.float32)},
+                   opt_state=opt_state)
 
 
 @pytest.fixture(scope='module')
@@ -26,22 +57,7 @@ def mesh(devices):
 
 @pytest.fixture(scope='module')
 def state(mesh):
-  """A tiny ResNet-18 state whose every leaf is random (init leaves momentum at zero, which
-  would make a comparison blind), replicated on the 8-device mesh."""
-  cfg = _config()
-  tx, _ = optim.make_optimizer(cfg.optim, 64, 10, 100)
-  # Initialised on one device (compiles much faster than on 8), then replicated on the mesh.
-  one = parallel.make_mesh(mesh.devices.flat[:1])
-  s = ts.init_state(simclr.from_config(cfg.model, 10), tx, jax.random.key(0), (8, 8, 3), one)
-  rng = np.random.default_rng(0)
-
-  def randomise(x):
-    x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.floating):
-      return rng.standard_normal(x.shape).astype(x.dtype)
-    return rng.integers(0, 2**31 - 1, x.shape).astype(x.dtype)
-  s = jax.tree.map(randomise, s).replace(step=np.int32(7))
-  return parallel.replicate(s, mesh)
+  return parallel.replicate(_tiny(7), mesh)
 
 
 def _numpy(tree):
@@ -123,7 +139,7 @@ def test_restore_variables_reads_params_and_batch_stats(tmp_path, state, mesh):
 
 
 def test_no_checkpoint_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match='no checkpoint in .*checkpoints; run pretraining '
+  with pytest.raises(ConfigError, match='no checkpoint in .*checkpoints; run pretraining '
                      'first or check config.pretrain_workdir'):
     checkpoint.restore_variables(str(tmp_path))
   assert checkpoint.latest_step(str(tmp_path)) is None
@@ -180,45 +196,187 @@ def test_existing_checkpoint_survives_an_aborted_save(tmp_path, state, mesh, mon
   assert checkpoint.latest_step(str(tmp_path)) == 10
 
 
-def test_config_round_trip_and_compatibility(tmp_path):
-  cfg = _config()
-  checkpoint.write_config(str(tmp_path), cfg)
-  text = (tmp_path / 'config.json').read_text()
-  assert json.loads(text)['model']['width'] == 0.0625
-  assert text.index('"augment"') < text.index('"data"')  # sorted
-  saved = checkpoint.read_config(str(tmp_path))
-  assert saved.train.batch_size == cfg.train.batch_size
-  checkpoint.check_compatible(saved, cfg)  # tuples read back as lists still compare equal
-
-  cfg.train.log_every_steps = 7
-  cfg.train.checkpoint_every_steps = 3
-  cfg.optim.base_lr = 0.3
-  checkpoint.check_compatible(saved, cfg)
-
-  cfg.model.width = 0.5
-  cfg.train.batch_size = 256
-  with pytest.raises(ValueError) as e:
-    checkpoint.check_compatible(saved, cfg)
-  msg = str(e.value)
-  assert 'model.width: 0.0625 -> 0.5' in msg and 'train.batch_size: 512 -> 256' in msg
-  assert 'log_every_steps' not in msg and 'base_lr' not in msg
-  assert 'use a new --workdir or restore the old values' in msg.lower()
-
-
-def test_read_config_missing(tmp_path):
-  with pytest.raises(FileNotFoundError, match='config.json'):
-    checkpoint.read_config(str(tmp_path))
-
-
-def test_ensure_writable(tmp_path):
-  checkpoint.ensure_writable(str(tmp_path / 'new' / 'dir'))
-  assert os.listdir(tmp_path / 'new' / 'dir') == []
-  (tmp_path / 'a_file').write_text('x')
-  with pytest.raises(PermissionError, match='--workdir='):
-    checkpoint.ensure_writable(str(tmp_path / 'a_file' / 'sub'))
-
-
 def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert checkpoint.checkpoint_dir('runs/a') == tmp_path / 'runs' / 'a' / 'checkpoints'
   assert str(checkpoint.checkpoint_dir('gs://bucket/run')) == 'gs://bucket/run/checkpoints'
+
+
+# --- damaged steps -----------------------------------------------------------------------------
+
+
+def _data_files(step_dir):
+  """The array data files of a saved step (OCDBT 'd/' folders)."""
+  return [os.path.join(d, f) for d, _, files in os.walk(step_dir) if os.path.basename(d) == 'd'
+          for f in files]
+
+
+def _damage(step_dir, how):
+  """What a user found on the storage: a metadata file deleted or cut short, data cut short."""
+  meta = os.path.join(step_dir, 'default', '_METADATA')
+  if how == 'delete metadata':
+    os.remove(meta)
+  elif how == 'truncate metadata':
+    os.truncate(meta, os.path.getsize(meta) // 2)
+  elif how == 'truncate data':
+    for f in _data_files(step_dir):
+      os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _save_steps(workdir, mesh, steps):
+  mgr = checkpoint.manager(str(workdir), save_every_steps=1, keep=10)
+  for s in steps:
+    assert checkpoint.save(mgr, parallel.replicate(_tiny(s, seed=s), mesh))
+  checkpoint.close(mgr)
+
+
+def _tree_files(path):
+  return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path)
+                for f in fs)
+
+
+@pytest.mark.parametrize('how', ['delete metadata', 'truncate metadata', 'truncate data'])
+def test_damaged_latest_step_is_moved_aside_and_the_previous_restored(tmp_path, mesh, how,
+                                                                    caplog):
+  _save_steps(tmp_path, mesh, [1, 2])
+  ckpts = tmp_path / 'checkpoints'
+  _damage(ckpts / '2', how)
+  files = _tree_files(ckpts / '2')
+  mgr = checkpoint.manager(str(tmp_path), save_every_steps=1, keep=10)
+  with caplog.at_level(logging.WARNING):
+    restored = checkpoint.restore_latest(mgr, parallel.replicate(_tiny(0), mesh))
+  _assert_identical(restored, _tiny(1, seed=1))
+  assert (f'Checkpoint step 2 in {ckpts} does not restore' in caplog.text and
+          f'moved it to {ckpts}/2.damaged' in caplog.text and 'resuming from step 1' in caplog.text)
+  assert sorted(os.listdir(ckpts)) == ['1', '2.damaged']
+  assert _tree_files(ckpts / '2.damaged') == files  # moved whole, nothing deleted
+  assert mgr.all_steps() == [1] and checkpoint.latest_step(str(tmp_path)) == 1
+  # The run goes on and saves step 2 again; a later damage of it is kept beside the first.
+  assert checkpoint.save(mgr, parallel.replicate(_tiny(2, seed=20), mesh))
+  checkpoint.close(mgr)
+  assert checkpoint.restore_variables(str(tmp_path))[0] == 2
+  _damage(ckpts / '2', how)
+  mgr = checkpoint.manager(str(tmp_path), save_every_steps=1, keep=10)
+  _assert_identical(checkpoint.restore_latest(mgr, parallel.replicate(_tiny(0), mesh)),
+                    _tiny(1, seed=1))
+  checkpoint.close(mgr)
+  assert sorted(os.listdir(ckpts)) == ['1', '2.damaged', '2.damaged.1']
+
+
+def test_no_step_restores_is_an_error_naming_them(tmp_path, mesh):
+  _save_steps(tmp_path, mesh, [1, 2])
+  ckpts = tmp_path / 'checkpoints'
+  _damage(ckpts / '1', 'truncate data')
+  _damage(ckpts / '2', 'delete metadata')
+  mgr = checkpoint.manager(str(tmp_path), save_every_steps=1, keep=10)
+  with pytest.raises(ConfigError) as e:
+    checkpoint.restore_latest(mgr, parallel.replicate(_tiny(0), mesh))
+  checkpoint.close(mgr)
+  msg = str(e.value)
+  assert f'No checkpoint in {ckpts} restores (step 2: ' in msg and '; step 1: ' in msg
+  assert f'mv {ckpts}/2 {ckpts}/2.damaged' in msg and 'new --workdir' in msg
+  assert sorted(os.listdir(ckpts)) == ['1', '2']  # left as they are
+
+
+@flax.struct.dataclass
+class _OlderState:
+  """The train state of an earlier version: one more field (an RNG) than TinyState."""
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def test_a_checkpoint_of_another_layout_stops_and_is_never_moved(tmp_path, mesh):
+  old = _tiny(3)
+  older = _OlderState(step=old.step, params=old.params, batch_stats=old.batch_stats,
+                      opt_state=old.opt_state, rng=np.zeros(2, np.uint32))
+  mgr = checkpoint.manager(str(tmp_path), save_every_steps=1, keep=10)
+  assert checkpoint.save(mgr, parallel.replicate(older, mesh))
+  checkpoint.close(mgr)
+  mgr = checkpoint.manager(str(tmp_path), save_every_steps=1, keep=10)
+  with pytest.raises(ConfigError, match=r"another layout .*only in the checkpoint: \['rng'\].*"
+                     r'new --workdir'):
+    checkpoint.restore_latest(mgr, parallel.replicate(_tiny(0), mesh))
+  checkpoint.close(mgr)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']  # not treated as damage
+  # Its encoder stays readable for evaluation.
+  step, variables = checkpoint.restore_variables(str(tmp_path))
+  assert step == 3
+  _assert_identical(variables, {'params': old.params, 'batch_stats': old.batch_stats})
+
+
+def test_restore_variables_skips_a_damaged_latest_step(tmp_path, mesh, caplog):
+  _save_steps(tmp_path, mesh, [1, 2])
+  _damage(tmp_path / 'checkpoints' / '2', 'truncate data')
+  with caplog.at_level(logging.WARNING):
+    step, variables = checkpoint.restore_variables(str(tmp_path))
+  assert step == 1 and 'Checkpoint step 2 in' in caplog.text
+  expected = _tiny(1, seed=1)
+  _assert_identical(variables, {'params': expected.params, 'batch_stats': expected.batch_stats})
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']  # the eval moves nothing
+  with pytest.raises(ConfigError, match=r'checkpoint step 2 in .* does not restore .*pass '
+                     r'another --config\.checkpoint_step'):
+    checkpoint.restore_variables(str(tmp_path), step=2)
+
+
+# Each process of a 2-process run: save steps 1 and 2 together, process 0 damages step 2's data
+# on the shared directory, then both resume and must end on the same step.
+_TWO_PROCESSES = '''
+import json, os, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import numpy as np
+sys.path.insert(0, os.path.join(sys.argv[4], 'tests'))
+from simclr_jax import checkpoint, parallel, workdir
+from test_checkpoint import _damage, _tiny
+lock = workdir.lock(sys.argv[3])  # held by process 0 for both processes
+lock.__enter__()
+if jax.process_index() == 0:
+  holder = json.load(open(os.path.join(sys.argv[3], workdir.LOCK_FILE)))['pid']
+  print('LOCK', holder == os.getpid(), flush=True)
+mesh = parallel.make_mesh()
+mgr = checkpoint.manager(sys.argv[3], save_every_steps=1, keep=10)
+for s in (1, 2):
+  checkpoint.save(mgr, parallel.replicate(_tiny(s, seed=s), mesh))
+checkpoint.close(mgr)
+if jax.process_index() == 0:
+  _damage(os.path.join(sys.argv[3], 'checkpoints', '2'), 'truncate data')
+mgr = checkpoint.manager(sys.argv[3], save_every_steps=1, keep=10)
+restored = checkpoint.restore_latest(mgr, parallel.replicate(_tiny(0), mesh))
+expected = _tiny(1, seed=1)
+same = all(np.array_equal(np.asarray(a.addressable_data(0)), b) for a, b in
+           zip(jax.tree.leaves(restored), jax.tree.leaves(expected)))
+print('RESULT', jax.process_index(), int(restored.step.addressable_data(0)), same,
+      sorted(mgr.all_steps()), flush=True)
+checkpoint.close(mgr)
+lock.__exit__(None, None, None)
+'''
+
+
+def test_two_processes_take_the_same_decision(tmp_path):
+  """Both processes restore step 1; process 0 moved step 2 aside and held the workdir lock."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _TWO_PROCESSES, f'localhost:{port}', str(i), str(tmp_path), ROOT],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f'RESULT {i} 1 True [1]' in out, out[-3000:]
+  assert 'moved it to' in outs[0] and 'LOCK True' in outs[0]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2.damaged']
+  assert not (tmp_path / 'run.lock').exists()  # released

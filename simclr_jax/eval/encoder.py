@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from simclr_jax import checkpoint, parallel
+from simclr_jax import workdir as workdir_lib
 from simclr_jax.errors import ConfigError
 from simclr_jax.models import simclr
 
@@ -31,7 +32,7 @@ def check_variables_match(restored: Any, expected: Any, pretrain_workdir: str) -
       show = lambda s: 'absent' if s is None else str(s)  # noqa: E731
       raise ConfigError(
           f'the checkpoint in {pretrain_workdir} does not match the model rebuilt from its '
-          f'{checkpoint.CONFIG_FILE}: {path} is {show(got.get(path))} in the checkpoint but '
+          f'{workdir_lib.CONFIG_FILE}: {path} is {show(got.get(path))} in the checkpoint but '
           f'{show(want.get(path))} in the model (was config.json edited, or the checkpoint '
           'copied from another run?).')
 
@@ -50,7 +51,7 @@ def _input_shape(pretrain_config: ml_collections.ConfigDict) -> tuple[int, int, 
 def restore(pretrain_workdir: str, checkpoint_step: int, mesh: Mesh
                     ) -> tuple[ml_collections.ConfigDict, simclr.SimCLR, int, Any]:
   """(pretraining config, model, step, {'params', 'batch_stats'} replicated on `mesh`)."""
-  pretrain_config = checkpoint.read_config(pretrain_workdir)
+  pretrain_config = workdir_lib.read_config(pretrain_workdir)
   model = build_model(pretrain_config)
   step, variables = checkpoint.restore_variables(
       pretrain_workdir, None if checkpoint_step < 0 else checkpoint_step)
