@@ -22,6 +22,8 @@ from simclr_jax.errors import ConfigError
 JOBS: dict[str, tuple[str, Callable[[Any], int]]] = {
     'pretrain': ('simclr_jax.pretrain', lambda c: c.train.batch_size),
     'linear_eval': ('simclr_jax.eval.job', lambda c: c.eval_batch_size),
+    'extract': ('simclr_jax.eval.extract', lambda c: c.eval_batch_size),
+    'export': ('simclr_jax.export.job', lambda c: 1),
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py recipe.',
