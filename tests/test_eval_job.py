@@ -10,13 +10,16 @@ import jax
 import numpy as np
 import pytest
 
+from sklearn import linear_model
+
 from configs import base, linear_eval
-from simclr_jax import checkpoint, optim, parallel
-from simclr_jax.eval import features, knn, linear_probe
-from simclr_jax.eval import job as evaluate
-from simclr_jax import metrics
+from simclr_jax import checkpoint, metrics, optim, parallel
+from simclr_jax import workdir as workdir_lib
 from simclr_jax import train_step as ts
 from simclr_jax.data import host_input
+from simclr_jax.errors import ConfigError
+from simclr_jax.eval import encoder, features, finetune
+from simclr_jax.eval import job as evaluate
 from simclr_jax.models import simclr
 
 DEMO_TRAIN, DEMO_TEST = 1797 - 360, 360
@@ -74,28 +77,29 @@ def pretrain(tmp_path_factory, mesh):
   mgr = checkpoint.manager(workdir, save_every_steps=1000, keep=3)
   assert checkpoint.save(mgr, state, force=True)
   checkpoint.close(mgr)
-  checkpoint.write_config(workdir, cfg)
+  workdir_lib.write_config(workdir, cfg)
   saved = {'params': jax.tree.map(np.asarray, state.params),
            'batch_stats': jax.tree.map(np.asarray, state.batch_stats)}
   return workdir, saved
 
 
 def _eval_config(pretrain_workdir, **probe):
+  """The default (official) evaluation, shortened: 3 epochs of 64 (68 steps), peak lr 0.5."""
   c = linear_eval.get_config()
   c.pretrain_workdir = pretrain_workdir
   c.eval_batch_size = 64  # 360 = 5 * 64 + 40: the last test batch is padded
-  c.probe.epochs = 5
-  c.probe.batch_size = 128
-  c.probe.learning_rate = 0.5
+  c.probe.epochs = 3.0
+  c.probe.batch_size = 64  # = eval_batch_size: the probe's forward reuses the eval compile
+  c.probe.base_lr = 2.0
   c.knn.k = 20
   c.probe.update(probe)
   return c
 
 
 @pytest.fixture(scope='module')
-def cached_results(pretrain, tmp_path_factory):
-  """run() with the cached probe and the random-encoder baseline; (results, eval workdir)."""
-  workdir = str(tmp_path_factory.mktemp('eval_cached'))
+def results(pretrain, tmp_path_factory):
+  """run() with the default (augmented) probe and the baselines; (results, eval workdir)."""
+  workdir = str(tmp_path_factory.mktemp('eval'))
   config = _eval_config(pretrain[0])
   config.baseline = True
   return evaluate.run(config, workdir), workdir
@@ -103,7 +107,7 @@ def cached_results(pretrain, tmp_path_factory):
 
 def test_restores_exactly_the_saved_variables_on_the_mesh(pretrain, mesh):
   workdir, saved = pretrain
-  _, _, step, variables = evaluate.restore_encoder(workdir, -1, mesh)
+  _, _, step, variables = encoder.restore(workdir, -1, mesh)
   assert step == STEP
   assert jax.tree.structure(variables) == jax.tree.structure(saved)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(variables),
@@ -111,94 +115,120 @@ def test_restores_exactly_the_saved_variables_on_the_mesh(pretrain, mesh):
     assert got.sharding.is_equivalent_to(parallel.replicated(mesh), got.ndim), path
     np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(path))
   # An explicit step restores the same checkpoint.
-  assert evaluate.restore_encoder(workdir, STEP, mesh)[2] == STEP
+  assert encoder.restore(workdir, STEP, mesh)[2] == STEP
 
 
-def test_run_writes_results_and_counts_every_test_example_once(cached_results, pretrain):
-  results, workdir = cached_results
+def test_run_writes_results_with_the_protocol_of_each_figure(results, pretrain):
+  results, workdir = results
   with open(f'{workdir}/{evaluate.RESULTS_FILE}') as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(results))
-  assert written['checkpoint_step'] == STEP
-  assert written['pretrain_workdir'] == pretrain[0]
+  assert written['checkpoint_step'] == STEP and written['pretrain_workdir'] == pretrain[0]
   assert written['num_test'] == DEMO_TEST and written['num_train'] == DEMO_TRAIN
-  for r in (written, written['baseline']):
-    for k in ('top1', 'top5', 'knn_top1'):
-      assert 0.0 <= r[k] <= 1.0, (k, r[k])
-    assert r['top5'] >= r['top1']
-    assert r['num_test'] == DEMO_TEST
-  # Random ResNet features of digits are far above chance (0.1) for both probe and kNN.
-  assert written['top1'] > 0.5 and written['knn_top1'] > 0.5
+  # The official protocol at CIFAR size (8 px <= 32): preset 'cifar' (wd 0), augmented views,
+  # Nesterov, no standardisation, N * epochs // batch + 1 steps at 0.1-style linear scaling.
+  assert written['linear_probe']['protocol'] == {
+      'mode': 'augmented', 'epochs': 3.0, 'steps': DEMO_TRAIN * 3 // 64 + 1, 'batch_size': 64,
+      'base_lr': 2.0, 'lr_scaling': 'linear', 'learning_rate': 2.0 * 64 / 256,
+      'momentum': 0.9, 'nesterov': True, 'weight_decay': 0.0, 'standardise': False,
+      'augmentation': 'random resized crop, area (0.08, 1.0) + horizontal flip'}
+  assert written['knn'] == {**written['knn'], 'k': 20, 'temperature': 0.1}
+  for r in (written['linear_probe'], written['knn'],
+            *written['baseline']['random_encoder'].values(), written['baseline']['pixels']):
+    assert 0.0 <= r['top1'] <= r['top5'] <= 1.0
+  # Far above chance (0.1; s.e. 0.016 on 360 test digits).
+  assert written['linear_probe']['top1'] > 0.2 and written['knn']['top1'] > 0.5
   rows = metrics.read_metrics(workdir)
   assert rows[-1]['step'] == STEP
-  assert rows[-1]['linear_eval/top1'] == pytest.approx(written['top1'])
-  assert 'linear_eval/baseline_top1' in rows[-1]
-  assert 'random-encoder baseline' in evaluate.summary_line(written)
+  assert rows[-1]['linear_eval/linear_probe/top1'] == pytest.approx(
+      written['linear_probe']['top1'])
+  assert 'linear_eval/baseline/pixels/top1' in rows[-1]
+  line = evaluate.summary_line(written)
+  assert 'linear probe top-1' in line and '(augmented, 68 steps)' in line
+  assert 'random encoder probe' in line and 'raw-pixel probe' in line
 
 
-def test_baseline_is_a_different_encoder(cached_results):
-  results, _ = cached_results
-  base_r = results['baseline']
-  # A seeded fresh init, not the checkpoint: the figures come from different features.
-  assert (base_r['top1'], base_r['knn_top1']) != (results['top1'], results['knn_top1'])
+def test_random_encoder_baseline_is_a_different_encoder(results):
+  results, _ = results
+  rand = results['baseline']['random_encoder']
+  assert set(rand) == {'linear_probe', 'knn'}
+  assert rand['knn']['top1'] != results['knn']['top1']
+  assert rand['linear_probe']['protocol'] == results['linear_probe']['protocol']
 
 
-def test_augmented_path_without_augmentation_equals_cached(cached_results, pretrain, tmp_path):
-  results, _ = cached_results
-  # Whole-image crops, no flip: the per-epoch views are the eval views, so the augmented
-  # path (features recomputed every epoch, the head trained epoch by epoch) must reproduce
-  # the cached path's probe: same features, statistics, shuffles and optimiser.
-  config = _eval_config(pretrain[0], mode='augmented', crop_area=(1.0, 1.0), flip=False)
-  augmented = evaluate.run(config, str(tmp_path))
-  assert augmented['probe_mode'] == 'augmented'
-  assert augmented['top1'] == pytest.approx(results['top1'], abs=1.5 / DEMO_TEST)
-  assert augmented['top5'] == pytest.approx(results['top5'], abs=1.5 / DEMO_TEST)
-
-
-def test_augmented_probe_with_crop_and_flip_is_close_to_cached(cached_results, pretrain,
-                                                               tmp_path):
-  results, _ = cached_results
-  config = _eval_config(pretrain[0], mode='augmented', crop_area=(0.64, 1.0), flip=True)
-  augmented = evaluate.run(config, str(tmp_path))
-  assert augmented['num_test'] == DEMO_TEST
-  # Far above chance (0.1), and close to the cached probe. Not equal: at 8 px a crop drops
-  # whole pixel rows and a flipped digit is another shape, so the probe trains on a shifted
-  # distribution (this is a shift, not noise; the binomial s.e. on 360 is only ~0.026).
-  assert augmented['top1'] > 0.3
-  assert abs(augmented['top1'] - results['top1']) < 0.3
-  # kNN uses the un-augmented features on both paths: identical.
-  assert augmented['knn_top1'] == results['knn_top1']
-
-
-def test_probe_train_views_cover_every_example_once_and_change_per_epoch():
+def test_pixel_baseline_matches_logistic_regression_on_the_same_pixels(results):
+  results, _ = results
+  pixels = results['baseline']['pixels']
+  assert pixels['num_train'] == DEMO_TRAIN  # 1437 * 8 * 8 * 3 * 4 bytes: under the cap
+  assert pixels['protocol']['mode'] == 'cached' and pixels['protocol']['standardise']
+  # Independent: scikit-learn's logistic regression on the flattened eval views.
   cfg = _pretrain_config()
+  data = {}
+  for split in ('train', 'test'):
+    batches = list(host_input.eval_iterator(cfg, split, 64))
+    data[split] = (np.concatenate([b['image'][b['mask']] for b in batches]).reshape(-1, 192),
+                   np.concatenate([b['label'][b['mask']] for b in batches]))
+  reference = linear_model.LogisticRegression(max_iter=5000).fit(*data['train'])
+  want = reference.score(*data['test'])  # ~0.96, as on the raw 8x8 digits
+  assert pixels['top1'] == pytest.approx(want, abs=0.03)
 
-  def epoch(e):
-    batches = list(host_input.probe_train_iterator(cfg, 64, epoch=e, crop_area=(0.3, 1.0)))
-    return {k: np.concatenate([b[k] for b in batches]) for k in ('image', 'label', 'mask')}
 
-  first, again, second = epoch(0), epoch(0), epoch(1)
-  eval_labels = np.concatenate([b['label'][b['mask']]
-                                for b in host_input.eval_iterator(cfg, 'train', 64)])
-  assert first['mask'].sum() == DEMO_TRAIN  # 1437 = 22 * 64 + 29: the last batch is padded
-  np.testing.assert_array_equal(first['label'][first['mask']], eval_labels)
-  np.testing.assert_array_equal(first['image'], again['image'])  # an epoch is reproducible
-  assert not np.allclose(first['image'], second['image'])  # and the next one is new views
-  assert first['image'].min() >= 0.0 and first['image'].max() <= 1.0
+def test_pixel_baseline_caps_its_train_examples_by_memory(pretrain, mesh):
+  config = _eval_config(pretrain[0])
+  config.pixels.max_mb = 300 * 8 * 8 * 3 * 4 / 2**20  # room for 300 of the 1437 train digits
+  cfg = evaluate.data_config(config, _pretrain_config())
+  ctx = evaluate.Context(config, cfg, _pretrain_config(),
+                         evaluate.resolve_probe(config.probe, 8), mesh, feature_fn=None)
+  capped = evaluate.pixel_baseline(ctx)
+  # A seeded class-balanced subset of ~300 (per class round(300 / 1437 * count)).
+  ids, labels = finetune.label_subset(cfg, 300 / DEMO_TRAIN, cfg.seed)
+  assert capped['num_train'] == len(ids) == pytest.approx(300, abs=5)
+  assert np.bincount(labels).min() >= 25
+  assert capped['protocol']['steps'] == len(ids) * 3 // 64 + 1
+  assert capped['top1'] > 0.8
+
+
+def test_cached_probe_with_standardisation(pretrain, results, tmp_path):
+  results, _ = results
+  config = _eval_config(pretrain[0], mode='cached', standardise=True)
+  config.evaluators = 'linear_probe'
+  cached = evaluate.run(config, str(tmp_path))
+  assert set(cached) & set(evaluate.EVALUATORS) == {'linear_probe'}
+  protocol = cached['linear_probe']['protocol']
+  assert protocol['mode'] == 'cached' and protocol['standardise']
+  assert protocol['augmentation'] == 'none (eval view)'
+  assert protocol['steps'] == results['linear_probe']['protocol']['steps']
+  assert cached['linear_probe']['top1'] > 0.5
+
+
+def test_presets_follow_the_pretraining_image_size():
+  probe = linear_eval.get_config().probe
+  assert probe.mode == 'augmented' and not probe.standardise and probe.base_lr == 0.1
+  small, large = evaluate.resolve_probe(probe, 32), evaluate.resolve_probe(probe, 224)
+  assert (small.preset, small.epochs, small.batch_size, small.weight_decay) == (
+      'cifar', 100.0, 512, 0.0)
+  assert (large.preset, large.epochs, large.batch_size, large.weight_decay) == (
+      'imagenet', 90.0, 4096, 1e-6)
+  probe.batch_size, probe.preset = 256, 'imagenet'  # explicit values win over the preset
+  chosen = evaluate.resolve_probe(probe, 32)
+  assert (chosen.preset, chosen.epochs, chosen.batch_size) == ('imagenet', 90.0, 256)
+  probe.preset = 'tiny'
+  with pytest.raises(ConfigError, match='config.probe.preset'):
+    evaluate.resolve_probe(probe, 32)
 
 
 # --- errors ----------------------------------------------------------------------------------
 
 
 def test_unset_pretrain_workdir_names_the_key(tmp_path):
-  with pytest.raises(ValueError, match='config.pretrain_workdir'):
+  with pytest.raises(ConfigError, match='config.pretrain_workdir'):
     evaluate.run(linear_eval.get_config(), str(tmp_path))
 
 
 def test_workdir_without_checkpoint(tmp_path):
   pretrain_dir = tmp_path / 'pretrain'
-  checkpoint.write_config(str(pretrain_dir), _pretrain_config())
-  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+  workdir_lib.write_config(str(pretrain_dir), _pretrain_config())
+  with pytest.raises(ConfigError, match='no checkpoint.*config.pretrain_workdir'):
     evaluate.run(_eval_config(str(pretrain_dir)), str(tmp_path / 'eval'))
 
 
@@ -207,8 +237,8 @@ def test_checkpoint_not_matching_config_names_the_parameter(pretrain, tmp_path):
   shutil.copytree(pretrain[0], copy)
   cfg = _pretrain_config()
   cfg.model.proj_dim = 64  # the checkpoint's projection head outputs 128
-  (copy / checkpoint.CONFIG_FILE).unlink()
-  checkpoint.write_config(str(copy), cfg)
+  (copy / workdir_lib.CONFIG_FILE).unlink()
+  workdir_lib.write_config(str(copy), cfg)
   # Paths are compared in sorted order: the first differing one is the head's last BN mean.
   with pytest.raises(ValueError, match=r'batch_stats/projection/bn1/mean is \(128,\) in the '
                                        r'checkpoint but \(64,\) in the model'):
@@ -218,31 +248,34 @@ def test_checkpoint_not_matching_config_names_the_parameter(pretrain, tmp_path):
 def test_data_without_labels(pretrain, tmp_path):
   config = _eval_config(pretrain[0])
   config.data.num_classes = 0
-  with pytest.raises(ValueError, match='no labels'):
+  with pytest.raises(ConfigError, match='no labels'):
     evaluate.run(config, str(tmp_path))
 
 
 def test_unlabelled_split_is_rejected():
   check_labels = evaluate._check_labels  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="split 'train' has no labels"):
+  with pytest.raises(ConfigError, match="split 'train' has no labels"):
     check_labels(np.full((5,), -1, np.int32), 10, 'train')
 
 
-@pytest.mark.parametrize('key,value', [('feature', 'pooled'), ('probe.mode', 'online'),
-                                       ('probe.epochs', 0), ('eval_batch_size', 0)])
+@pytest.mark.parametrize('key,value', [
+    ('feature', 'pooled'), ('probe.mode', 'online'), ('probe.epochs', 0),
+    ('eval_batch_size', 0), ('evaluators', 'linear_probe,svm'), ('evaluators', 'knn,knn'),
+    ('probe.lr_scaling', 'log'), ('finetune.optimizer', 'adam'), ('pixels.max_mb', 0.0),
+    ('finetune.label_fraction', 0.0), ('finetune.from_block', 5)])
 def test_bad_config_values_name_the_key(key, value, tmp_path):
   config = _eval_config(str(tmp_path))
   if '.' in key:
     config[key.split('.')[0]][key.split('.')[1]] = value
   else:
     config[key] = value
-  with pytest.raises(ValueError, match=f'config.{key}='):
+  with pytest.raises(ConfigError, match=f'config.{key}='):
     evaluate.check_config(config)
 
 
 def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
-  _, model, _, variables = evaluate.restore_encoder(pretrain[0], -1, mesh)
-  feats, labels = features.extract_features(
+  _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
+  feats, labels = features.extract(
       evaluate.make_feature_fn(model, mesh, 'h'), variables,
       host_input.eval_iterator(_pretrain_config(), 'test', 64), mesh)
   assert feats.shape == (DEMO_TEST, 32) and labels.shape == (DEMO_TEST,)

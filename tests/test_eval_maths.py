@@ -1,10 +1,13 @@
 """Tests of the evaluation maths against independent numpy computations."""
+import math
+
 import jax
 import numpy as np
 import pytest
 
+from configs import linear_eval
+from simclr_jax import optim, parallel
 from simclr_jax.eval import features, finetune, knn, linear_probe
-from simclr_jax import parallel
 from simclr_jax.models import simclr
 
 
@@ -19,64 +22,134 @@ def _blobs(rng: np.random.Generator, n: int, num_classes: int, dim: int,
 # --- linear probe --------------------------------------------------------------------------------
 
 
-def test_linear_probe_separates_separable_features():
+def _protocol(**kw):
+  base = dict(mode='cached', epochs=10.0, steps=50, batch_size=128, base_lr=0.1,
+              lr_scaling='linear', learning_rate=0.1 * 128 / 256, momentum=0.9, nesterov=True,
+              weight_decay=0.0, standardise=False, augmentation='none (eval view)')
+  base.update(kw)
+  return linear_probe.Protocol(**base)
+
+
+def _official_steps_and_lr(num_examples, epochs, batch_size, base_lr, step):
+  """tf2/model.py transcribed: get_train_steps and WarmUpAndCosineDecay with warmup_epochs=0."""
+  total_steps = num_examples * epochs // batch_size + 1
+  scaled_lr = base_lr * batch_size / 256.  # learning_rate_scaling='linear'
+  warmup_steps = int(round(0 * num_examples // batch_size))
+  # tf.keras.experimental.CosineDecay(scaled_lr, total_steps - warmup_steps), alpha 0.
+  decay_steps = total_steps - warmup_steps
+  fraction = min(step - warmup_steps, decay_steps) / decay_steps
+  return total_steps, scaled_lr * 0.5 * (1 + math.cos(math.pi * fraction))
+
+
+@pytest.mark.parametrize('preset,num_examples', [('cifar', 50_000), ('imagenet', 1_281_167)])
+def test_probe_protocol_is_the_official_schedule(preset, num_examples):
+  probe = linear_eval.get_config().probe
+  probe.update(probe.presets[preset])
+  p = linear_probe.protocol(probe, num_examples)
+  epochs = int(probe.epochs)
+  want_steps, _ = _official_steps_and_lr(num_examples, epochs, probe.batch_size, 0.1, 0)
+  assert p.steps == want_steps == {'cifar': 9766, 'imagenet': 28151}[preset]
+  assert p.learning_rate == pytest.approx({'cifar': 0.2, 'imagenet': 1.6}[preset])
+  schedule = optim.warmup_cosine(p.learning_rate, 0, p.steps)
+  for step in (0, 1, 17, p.steps // 2, p.steps - 1, p.steps):
+    _, want = _official_steps_and_lr(num_examples, epochs, probe.batch_size, 0.1, step)
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-7), step
+  assert (p.mode, p.nesterov, p.momentum, p.standardise) == ('augmented', True, 0.9, False)
+  assert p.weight_decay == {'cifar': 0.0, 'imagenet': 1e-6}[preset]
+
+
+def _softmax_grad(w, b, x, y):
+  """Gradient of the mean softmax cross-entropy of x @ w + b w.r.t. (w, b), in float64."""
+  logits = x @ w + b
+  prob = np.exp(logits - logits.max(1, keepdims=True))
+  prob /= prob.sum(1, keepdims=True)
+  prob[np.arange(len(y)), y] -= 1
+  prob /= len(y)
+  return x.T @ prob, prob.sum(0)
+
+
+def test_probe_update_is_keras_nesterov_sgd_with_l2_on_kernel_and_bias():
+  rng = np.random.default_rng(0)
+  n, dim, classes = 40, 6, 3
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  y = rng.integers(0, classes, n).astype(np.int32)
+  p = _protocol(steps=7, batch_size=16, learning_rate=0.8, weight_decay=0.05)
+  got = linear_probe.train_cached(x, y, classes, p, seed=3)
+  # Reference: TF's ApplyKerasMomentum (accum = accum * m - grad * lr; var += accum * m -
+  # grad * lr with Nesterov) on grad = dCE/dw + wd * w (official add_weight_decay on every
+  # trainable variable), cosine lr, zero init, the same batches.
+  w, b = np.zeros((dim, classes)), np.zeros(classes)
+  acc_w, acc_b = np.zeros_like(w), np.zeros_like(b)
+  batches = linear_probe.index_batches(n, 16, seed=3)
+  for step in range(p.steps):
+    idx = next(batches)
+    lr = p.learning_rate * 0.5 * (1 + math.cos(math.pi * step / p.steps))
+    gw, gb = _softmax_grad(w, b, x[idx].astype(np.float64), y[idx])
+    gw, gb = gw + p.weight_decay * w, gb + p.weight_decay * b
+    acc_w, acc_b = acc_w * 0.9 - gw * lr, acc_b * 0.9 - gb * lr
+    w, b = w + acc_w * 0.9 - gw * lr, b + acc_b * 0.9 - gb * lr
+  np.testing.assert_allclose(got['kernel'], w, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got['bias'], b, rtol=1e-4, atol=1e-6)
+  assert 'mean' not in got  # standardisation is off by default
+
+
+def test_index_batches_cross_epochs_and_cover_every_example_once_per_epoch():
+  n, batch = 10, 4
+  it = linear_probe.index_batches(n, batch, seed=0)
+  rows = np.concatenate([next(it) for _ in range(10)])  # 40 rows = 4 epochs, no remainder dropped
+  for e in range(4):
+    np.testing.assert_array_equal(np.sort(rows[e * n:(e + 1) * n]), np.arange(n))
+  assert not np.array_equal(rows[:n], rows[n:2 * n])
+  np.testing.assert_array_equal(rows[:n], np.random.default_rng([0, 0]).permutation(n))
+  big = next(linear_probe.index_batches(3, 7, seed=1))  # a batch larger than the data set
+  assert np.bincount(big[:6], minlength=3).tolist() == [2, 2, 2]
+
+
+def test_streamed_probe_equals_the_cached_probe_on_the_same_batches():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(50, 8)).astype(np.float32)
+  y = rng.integers(0, 4, 50).astype(np.int32)
+  p = _protocol(steps=9, batch_size=16, learning_rate=0.5, weight_decay=1e-3, standardise=True)
+  cached = linear_probe.train_cached(x, y, 4, p, seed=2)
+  stats = linear_probe.standardisation(x)
+  batches = ((x[i], y[i]) for i in linear_probe.index_batches(50, 16, seed=2))
+  streamed = linear_probe.train_streamed(batches, 8, 4, p, stats)
+  assert set(streamed) == set(cached) == {'kernel', 'bias', 'mean', 'var'}
+  for k in cached:
+    np.testing.assert_allclose(streamed[k], cached[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  np.testing.assert_allclose(cached['mean'], x.mean(0), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='ended after 2 of 9 steps'):
+    linear_probe.train_streamed(iter([(x[:16], y[:16])] * 2), 8, 4, p, stats)
+
+
+@pytest.mark.parametrize('standardise', [False, True])
+def test_cached_probe_separates_separable_features(standardise):
   rng = np.random.default_rng(0)
   num_classes, dim = 10, 32
-  centres = rng.normal(size=(num_classes, dim)) * 3.0 + 5.0  # offset: standardisation matters
+  centres = rng.normal(size=(num_classes, dim)) * 3.0 + 5.0  # off-centre features
   x_train, y_train = _blobs(rng, 2000, num_classes, dim, centres)
   x_test, y_test = _blobs(rng, 1000, num_classes, dim, centres)
-  params = linear_probe.train_linear_probe(x_train, y_train, num_classes, epochs=10, batch_size=128,
-                                       learning_rate=0.1, seed=0)
+  p = _protocol(steps=2000 * 10 // 128 + 1, learning_rate=0.05, standardise=standardise)
+  params = linear_probe.train_cached(x_train, y_train, num_classes, p, seed=0)
   logits = np.asarray(linear_probe.predict_linear_probe(params, x_test))
   assert np.mean(logits.argmax(1) == y_test) >= 0.99
-  # The standardisation stats travel with the params and are the train set's.
-  np.testing.assert_allclose(params['mean'], x_train.mean(0), rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(params['var'], x_train.var(0), rtol=1e-4)
 
 
-def test_linear_probe_nesterov_and_weight_decay_separates_linear_map_labels():
-  rng = np.random.default_rng(1)
-  num_classes, dim = 4, 16
-  w = rng.normal(size=(dim, num_classes))
-  x = rng.normal(size=(3000, dim)).astype(np.float32)
-  y = (x @ w).argmax(1).astype(np.int32)
-  params = linear_probe.train_linear_probe(x[:2000], y[:2000], num_classes, epochs=30,
-                                       batch_size=100, learning_rate=1.0, nesterov=True,
-                                       weight_decay=1e-6, seed=3)
-  logits = np.asarray(linear_probe.predict_linear_probe(params, x[2000:]))
-  # Labels from an exact linear map: a linear probe gets nearly all of them.
-  assert np.mean(logits.argmax(1) == y[2000:]) >= 0.97
-
-
-def test_linear_probe_stays_at_chance_on_random_labels():
+def test_cached_probe_stays_at_chance_on_random_labels():
   rng = np.random.default_rng(2)
   num_classes, dim, n_test = 10, 32, 2000
   x_train = rng.normal(size=(1000, dim)).astype(np.float32)
   y_train = rng.integers(0, num_classes, 1000)
   x_test = rng.normal(size=(n_test, dim)).astype(np.float32)
   y_test = rng.integers(0, num_classes, n_test)
-  params = linear_probe.train_linear_probe(x_train, y_train, num_classes, epochs=20, batch_size=100,
-                                       learning_rate=0.5, seed=0)
-  # It can memorise the training set a little, but learns nothing that transfers.
-  train_acc = np.mean(np.asarray(linear_probe.predict_linear_probe(params, x_train)).argmax(1)
-                      == y_train)
-  test_acc = np.mean(np.asarray(linear_probe.predict_linear_probe(params, x_test)).argmax(1)
-                     == y_test)
-  p = 1 / num_classes
-  assert abs(test_acc - p) < 4 * np.sqrt(p * (1 - p) / n_test)
+  p = _protocol(steps=1000 * 20 // 100 + 1, batch_size=100, learning_rate=0.5)
+  params = linear_probe.train_cached(x_train, y_train, num_classes, p, seed=0)
+  predict = lambda x: np.asarray(linear_probe.predict_linear_probe(params, x)).argmax(1)  # noqa
+  train_acc, test_acc = np.mean(predict(x_train) == y_train), np.mean(predict(x_test) == y_test)
+  # It memorises the training set a little, but learns nothing that transfers.
+  q = 1 / num_classes
+  assert abs(test_acc - q) < 4 * np.sqrt(q * (1 - q) / n_test)
   assert train_acc > test_acc
-
-
-def test_linear_probe_is_deterministic_given_seed():
-  rng = np.random.default_rng(3)
-  x = rng.normal(size=(300, 8)).astype(np.float32)
-  y = rng.integers(0, 3, 300)
-  kw = dict(epochs=2, batch_size=32, learning_rate=0.1)
-  a = linear_probe.train_linear_probe(x, y, 3, seed=5, **kw)
-  b = linear_probe.train_linear_probe(x, y, 3, seed=5, **kw)
-  c = linear_probe.train_linear_probe(x, y, 3, seed=6, **kw)
-  np.testing.assert_array_equal(a['kernel'], b['kernel'])
-  assert not np.allclose(a['kernel'], c['kernel'])
 
 
 # --- top-k ---------------------------------------------------------------------------------------
@@ -204,13 +277,14 @@ def test_extract_features_drops_padding_and_matches_single_device(devices):
   variables = _random_variables(model, (8, 8, 3), seed=0)
 
   mesh8 = parallel.make_mesh(devices)
-  feats8, labels8 = features.extract_features(
-      features.make_feature_fn(model, mesh8), variables,
-      _padded_batches(images, labels, batch_size), mesh8)
+  outputs = features.model_outputs(model, ('h', 'z'))
+  out8, labels8 = features.extract(features.make_predict_fn(outputs, mesh8), variables,
+                                   _padded_batches(images, labels, batch_size), mesh8)
   mesh1 = parallel.make_mesh(jax.devices()[:1])
-  feats1, labels1 = features.extract_features(
-      features.make_feature_fn(model, mesh1), variables,
-      _padded_batches(images, labels, batch_size), mesh1)
+  out1, labels1 = features.extract(features.make_predict_fn(outputs, mesh1), variables,
+                                   _padded_batches(images, labels, batch_size), mesh1)
+  feats8, feats1 = out8['h'], out1['h']
+  assert out8['z'].shape == (n, 128)
 
   apply_h = jax.jit(lambda v, x: model.apply(v, x, train=False)['h'])
   direct = np.asarray(apply_h(variables, images))

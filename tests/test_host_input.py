@@ -33,7 +33,6 @@ def test_train_batches_shapes_and_range():
     assert b[k].min() >= 0 and b[k].max() <= 1
   assert b['label'].shape == (32,) and b['label'].dtype == np.int32
   assert not np.array_equal(b['view1'], b['view2'])
-  assert host_input.steps_per_epoch(_config()) == 360 // 32
   assert host_input.num_examples(_config()) == 360
 
 
@@ -88,6 +87,66 @@ def test_eval_every_example_once(count):
   np.testing.assert_array_equal(np.sort(labels[mask]), np.sort(digits.target[test_idx]))
   assert all(b['image'].shape == (64 // count, 8, 8, 3) for b in batches)
   assert (labels[~mask] == -1).all()
+
+
+def test_eval_subset_pads_every_process_to_the_same_batches():
+  ids = np.sort(np.random.RandomState(0).permutation(1797)[:360])[::7]  # 52 test-split ids
+  per_proc = [list(host_input.eval_iterator(_config(), 'test', 16, indices=ids, process_index=pi,
+                                            process_count=2)) for pi in (0, 1)]
+  # Upper bound min(ceil(360 / 2), 52) rows per process: 7 batches of 8 on both processes.
+  assert [len(p) for p in per_proc] == [7, 7]
+  masks = np.concatenate([b['mask'] for p in per_proc for b in p])
+  assert masks.sum() == len(ids)
+
+
+def _probe_stream(c, batch, count, **kwargs):
+  """The first `count` rows of the probe stream, concatenated."""
+  rows = _take(host_input.probe_train_iterator(c, batch, process_index=0, process_count=1,
+                                               **kwargs), -(-count // batch))
+  return {k: np.concatenate([b[k] for b in rows])[:count] for k in rows[0]}
+
+
+def test_probe_stream_is_an_endless_shuffle_with_new_views_every_epoch():
+  c = _config()  # the 360-example split, batch 64: epochs end mid-batch (360 = 5 * 64 + 40)
+  rows = _probe_stream(c, 64, 3 * 360)
+  epochs = [slice(e * 360, (e + 1) * 360) for e in range(3)]
+  test_ids = np.sort(np.random.RandomState(0).permutation(1797)[:360])
+  for e in epochs:  # every example exactly once per epoch, batches crossing the boundaries
+    np.testing.assert_array_equal(np.sort(rows['index'][e]), test_ids)
+  assert not np.array_equal(rows['index'][epochs[0]], rows['index'][epochs[1]])  # reshuffled
+  # Fresh crop + flip views every epoch: example i's epoch-0 and epoch-1 views differ.
+  by_id = [dict(zip(rows['index'][e], rows['image'][e])) for e in epochs[:2]]
+  changed = [not np.allclose(by_id[0][i], by_id[1][i]) for i in test_ids]
+  assert np.mean(changed) > 0.9
+  assert rows['image'].min() >= 0.0 and rows['image'].max() <= 1.0
+  # The labels travel with their examples.
+  digits = datasets.load_digits()
+  np.testing.assert_array_equal(rows['label'], digits.target[rows['index']])
+  # A fixed stream: the same config gives the same rows.
+  again = _probe_stream(c, 64, 100)
+  np.testing.assert_array_equal(again['image'], rows['image'][:100])
+
+
+def test_probe_stream_whole_crop_without_flip_is_the_eval_view():
+  c = _config()
+  rows = _probe_stream(c, 40, 360, crop_area=(1.0, 1.0), flip=False)
+  evals = list(host_input.eval_iterator(c, 'test', 40, process_index=0, process_count=1))
+  images = np.concatenate([b['image'][b['mask']] for b in evals])
+  ids = np.sort(np.random.RandomState(0).permutation(1797)[:360])  # eval rows come in id order
+  order = np.argsort(rows['index'])
+  np.testing.assert_array_equal(rows['index'][order], ids)
+  np.testing.assert_allclose(rows['image'][order], images, atol=1e-6)
+
+
+def test_probe_stream_of_a_subset_and_its_batch_key():
+  c = _config()
+  ids = np.sort(np.random.RandomState(0).permutation(1797)[:360])[::10]  # 36 examples
+  rows = _probe_stream(c, 16, 2 * 36, indices=ids)
+  for e in (slice(0, 36), slice(36, 72)):
+    np.testing.assert_array_equal(np.sort(rows['index'][e]), ids)
+  with pytest.raises(ValueError, match=r'config\.finetune\.batch_size'):
+    host_input.probe_train_iterator(c, 33, process_index=0, process_count=2,
+                                    batch_key='finetune.batch_size')
 
 
 def test_device_prefetch_gives_sharded_global_arrays(devices):

@@ -1,15 +1,27 @@
-"""Fine-tuning of a pretrained encoder on a label fraction of the train split (issue 5).
+"""Fine-tuning of a pretrained encoder and projection layers, as official SimCLRv2.
 
-The official SimCLR fine-tune recipe: a zero-initialised linear head on h, trained with the
-encoder (whole, or from a chosen block on) by Nesterov-momentum SGD on cross-entropy with a
-cosine schedule, on random-resized-crop + flip views re-drawn every epoch. Trained parts run
-BN in train mode (batch statistics, running averages updated); frozen parts keep their
-parameters and run BN in inference mode. Each epoch sees the examples in a seeded order. The
-label subset is balanced_subset of the
-train labels: fixed, seeded and class-balanced.
+The official semi-supervised command (google-research/simclr README, "Semi-supervised learning
+and fine-tuning the whole network"):
+
+  --fine_tune_after_block=-1 --zero_init_logits_layer=True --global_bn=True --optimizer=lars
+  --learning_rate=0.005 --learning_rate_scaling=sqrt --weight_decay=0 --train_epochs=60
+  --train_batch_size=1024 --warmup_epochs=0 --dataset=imagenet2012_subset/1pct
+  --num_proj_layers=3 --ft_proj_selector=1
+
+So: the whole network trained with BN in train mode over the global batch; a zero-initialised
+linear head with bias (official 'head_supervised', named like the online probe so optim's LARS
+gives it neither trust ratio nor, here, weight decay on its bias) on the output of projection
+layer k = ft_proj_selector (tf2/model.py: `return proj_head_output,
+hiddens_list[FLAGS.ft_proj_selector]`), those k layers trained too; LARS from optim; crop + flip
+views (tf2/data.py: `color_distort=is_pretrain`); `N * epochs // B + 1` steps of an endless
+shuffled stream. `from_block=k` freezes the stem and stages before k (official
+fine_tune_after_block=k-1): frozen parts keep their parameters and run BN in inference mode.
+Data sets without official subsets use `balanced_subset`, a fixed, seeded, class-balanced
+fraction of the train split.
 """
-from typing import Any, Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,12 +30,15 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import optim, parallel
-from simclr_jax.eval import features
 from simclr_jax.data import host_input, sources
+from simclr_jax.errors import ConfigError
+from simclr_jax.eval import encoder as encoder_lib
+from simclr_jax.eval import features, linear_probe
 from simclr_jax.models import resnet, simclr
 
-HEAD = 'head'
+HEAD = optim.PROBE  # the supervised head: optim's masks treat it as official 'head_supervised'
 NUM_STAGES = 4  # every ResNet depth in resnet.STAGES has four stages
+OPTIMIZERS = ('lars', 'momentum')
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -46,29 +61,12 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
   return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def is_frozen(name: str, from_block: int) -> bool:
-  """Whether the encoder's top-level part `name` ('stem_bn', 'stage2_block1', ...) is frozen."""
-  if name.startswith('stem'):
-    return from_block >= 1
-  if name.startswith('stage'):
-    return int(name[len('stage'):].split('_')[0]) < from_block
-  raise ValueError(f'unknown encoder part {name!r}.')
-
-
-def split_params(encoder_params: dict[str, Any], from_block: int
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(frozen, trained) top-level parts of the encoder's parameters."""
-  frozen = {k: v for k, v in encoder_params.items() if is_frozen(k, from_block)}
-  trained = {k: v for k, v in encoder_params.items() if not is_frozen(k, from_block)}
-  return frozen, trained
-
-
 def label_subset(cfg: ml_collections.ConfigDict, fraction: float, seed: int
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(example ids, labels) of the seeded class-balanced `fraction` of cfg.data.train_split.
 
-  Every process reads the whole split's ids and labels (no images needed for TFDS JPEGs)
-  and computes the same subset.
+  Every process reads the whole split's ids and labels (JPEGs are not decoded) and computes
+  the same subset.
   """
   src = sources.load(cfg.data, cfg.data.train_split, process_index=0, process_count=1)
   ds = src.ds.map(lambda ex: (ex['index'], ex['label'])).batch(4096)
@@ -78,117 +76,221 @@ def label_subset(cfg: ml_collections.ConfigDict, fraction: float, seed: int
     labels.append(y)
   ids, labels = np.concatenate(ids).astype(np.int64), np.concatenate(labels).astype(np.int32)
   if not len(labels) or labels.min() < 0 or labels.max() >= cfg.data.num_classes:
-    raise ValueError(f'split {cfg.data.train_split!r} needs labels in '
-                     f'[0, {cfg.data.num_classes}) for fine-tuning.')
+    raise ConfigError(f'split {cfg.data.train_split!r} needs labels in '
+                      f'[0, config.data.num_classes={cfg.data.num_classes}) for a labelled '
+                      'subset; set config.data.train_split (or config.finetune.train_split) to '
+                      'a labelled split.')
   chosen = balanced_subset(labels, fraction, seed)
   return ids[chosen], labels[chosen]
 
 
-def make_optimizer(ft: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
-  """Nesterov momentum SGD, cosine schedule without warm-up, decay on kernels only."""
-  schedule = optim.warmup_cosine(float(ft.learning_rate), 0, total_steps)
-  return optax.chain(optax.add_decayed_weights(float(ft.weight_decay), mask=optim.decay_mask),
-                     optax.sgd(schedule, momentum=float(ft.momentum),
-                               nesterov=bool(ft.nesterov)))
+def is_frozen(name: str, from_block: int) -> bool:
+  """Whether the encoder's top-level part `name` ('stem_bn', 'stage2_block1', ...) is frozen."""
+  if name.startswith('stem'):
+    return from_block >= 1
+  if name.startswith('stage'):
+    return int(name[len('stage'):].split('_')[0]) < from_block
+  raise ValueError(f'unknown encoder part {name!r}.')
 
 
-def make_train_step(module: resnet.ResNet, tx: optax.GradientTransformation, mesh: Mesh
-                    ) -> Callable[..., Any]:
-  """Jitted step (trained, opt_state, frozen, batch_stats, batch) → (same three, loss).
+class Classifier(nn.Module):
+  """Encoder → projection layers 1..proj_selector → zero-initialised linear head (logits)."""
+  encoder: nn.Module
+  projection: Any  # simclr.ProjectionHead, or None when proj_selector is 0
+  proj_selector: int
+  num_classes: int
 
-  `trained` = {'encoder': trained parts, 'head': {'kernel', 'bias'}}; `frozen` parts are an
-  argument, never differentiated nor updated. Padded rows (mask 0) are left out of the loss
-  and, so the BN batch statistics see only real images, replaced by real rows of the batch;
-  a batch with no real row changes nothing.
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    h = self.encoder(x, train)
+    if self.proj_selector:
+      h = self.projection(h, train, upto=self.proj_selector)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.zeros, name=HEAD)(h)
+
+
+def proj_selector(ft: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> int:
+  """config.finetune.proj_selector in [0, num_proj_layers] (-1: the last layer, as official)."""
+  k, layers = int(ft.proj_selector), int(model_cfg.num_proj_layers)
+  k = layers if k == -1 else k
+  if not 0 <= k <= layers:
+    raise ConfigError(f'config.finetune.proj_selector={ft.proj_selector}: the pretrained head '
+                      f'has {layers} layers; set it in [0, {layers}] (or -1 for the last).')
+  return k
+
+
+def build_classifier(model_cfg: ml_collections.ConfigDict, num_classes: int, from_block: int,
+                     selector: int) -> Classifier:
+  """The fine-tuning network; its encoder and projection layers have the pretraining names."""
+  enc = simclr.encoder_from_config(model_cfg, train_from_stage=from_block)
+  projection = None
+  if selector:
+    projection = simclr.ProjectionHead(model_cfg.num_proj_layers,
+                                       resnet.feature_dim(model_cfg.depth, model_cfg.width),
+                                       model_cfg.proj_dim, simclr.compute_dtype(model_cfg))
+  return Classifier(enc, projection, selector, num_classes)
+
+
+def _select(tree: Any, like: Any) -> Any:
+  """The entries of `tree` at the keys of `like` (recursively): pretrained layers by name."""
+  if not isinstance(like, dict):
+    return np.asarray(tree)
+  return {k: _select(tree[k], v) for k, v in like.items() if k in tree}
+
+
+def initial_variables(module: Classifier, pretrained: Any, image_size: int,
+                      pretrain_workdir: str) -> dict[str, Any]:
+  """{'params', 'batch_stats'} on the host: the pretrained layers `module` uses, a zero head."""
+  expected = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
+  host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), pretrained)
+  chosen = {col: _select(host[col], {k: v for k, v in expected[col].items() if k != HEAD})
+            for col in ('params', 'batch_stats')}
+  chosen['params'][HEAD] = {k: np.zeros(v.shape, np.float32)
+                            for k, v in expected['params'][HEAD].items()}
+  encoder_lib.check_variables_match(chosen, expected, pretrain_workdir)
+  return chosen
+
+
+def split_params(params: dict[str, Any], from_block: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(frozen {'encoder': parts before from_block}, trained: the rest, projection and head)."""
+  enc = params['encoder']
+  frozen = {'encoder': {k: v for k, v in enc.items() if is_frozen(k, from_block)}}
+  trained = {**params, 'encoder': {k: v for k, v in enc.items() if not is_frozen(k, from_block)}}
+  return frozen, trained
+
+
+def merge_params(frozen: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of split_params."""
+  return {**trained, 'encoder': {**frozen['encoder'], **trained['encoder']}}
+
+
+def make_optimizer(ft: ml_collections.ConfigDict, num_examples: int, num_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(tx, lr schedule): optim's LARS, or the linear probe's Keras momentum ('momentum').
+
+  LARS: official build_optimizer with exclude_from_weight_decay=['batch_normalization', 'bias',
+  'head_supervised'] (optim.make_optimizer's masks). Momentum: official add_weight_decay's
+  non-LARS branch, weight decay on every non-BN variable (kernels and the head's bias).
+  """
+  optim_cfg = ml_collections.ConfigDict({
+      'base_lr': float(ft.base_lr), 'lr_scaling': ft.lr_scaling,
+      'warmup_epochs': float(ft.warmup_epochs), 'weight_decay': float(ft.weight_decay),
+      'momentum': float(ft.momentum), 'trust_coefficient': float(ft.trust_coefficient)})
+  if ft.optimizer == 'lars':
+    return optim.make_optimizer(optim_cfg, int(ft.batch_size), num_examples, num_steps)
+  peak = optim.scaled_learning_rate(optim_cfg.base_lr, int(ft.batch_size), ft.lr_scaling)
+  schedule = optim.warmup_cosine(
+      peak, optim.warmup_steps(optim_cfg.warmup_epochs, num_examples, int(ft.batch_size)),
+      num_steps)
+
+  def mask(params):
+    return {k: jax.tree.map(lambda _: True, v) if k == HEAD else optim.decay_mask(v)
+            for k, v in params.items()}
+
+  return linear_probe.keras_momentum(schedule, optim_cfg.momentum, True,
+                                     optim_cfg.weight_decay, mask), schedule
+
+
+def make_train_step(module: Classifier, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
+  """Jitted step (trained, opt_state, frozen, batch_stats, images, labels) → (same 3, loss).
+
+  `frozen` parts are an argument, never differentiated nor updated; BN runs in train mode on
+  the global batch (sharded on "data") in the trained parts and updates their statistics.
   """
 
-  def step(trained, opt_state, frozen, batch_stats, batch):
-    mask = batch['mask'].astype(bool)
-    n = mask.shape[0]
-    n_real = jnp.sum(mask.astype(jnp.int32))
-    real_first = jnp.argsort(~mask, stable=True)
-    fill = real_first[jnp.arange(n) % jnp.maximum(n_real, 1)]
-    images = batch['image'][jnp.where(mask, jnp.arange(n), fill)]
-    labels = jnp.maximum(batch['label'], 0)
-    weights = mask.astype(jnp.float32)
-
+  def step(trained, opt_state, frozen, batch_stats, images, labels):
     def loss_fn(trained):
-      params = {**frozen, **trained['encoder']}
-      h, new = module.apply({'params': params, 'batch_stats': batch_stats}, images,
-                            train=True, mutable=['batch_stats'])
-      logits = h @ trained[HEAD]['kernel'] + trained[HEAD]['bias']
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return jnp.sum(ce * weights) / jnp.maximum(n_real, 1), new['batch_stats']
+      variables = {'params': merge_params(frozen, trained), 'batch_stats': batch_stats}
+      logits, new = module.apply(variables, images, train=True, mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, new['batch_stats']
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
-    updates, new_opt = tx.update(grads, opt_state, trained)
-    new_trained = optax.apply_updates(trained, updates)
-    ok = n_real > 0
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
-    return (keep(new_trained, trained), keep(new_opt, opt_state),
-            keep(new_stats, batch_stats), loss)
+    updates, opt_state = tx.update(grads, opt_state, trained)
+    return optax.apply_updates(trained, updates), opt_state, new_stats, loss
 
   rep = parallel.replicated(mesh)
   return jax.jit(step, out_shardings=(rep, rep, rep, rep))
 
 
-def make_logits_fn(module: resnet.ResNet, mesh: Mesh) -> features.FeatureFn:
-  """Jitted inference-mode logits of the fine-tuned network, batch sharded on "data"."""
+def data_config(cfg: ml_collections.ConfigDict, ft: ml_collections.ConfigDict
+                ) -> ml_collections.ConfigDict:
+  """The data config fine-tuning reads: cfg with config.finetune's data set and splits."""
+  merged = ml_collections.ConfigDict(cfg.to_dict())
+  if ft.dataset:
+    merged.data.source, merged.data.name = 'tfds', ft.dataset
+  if ft.train_split:
+    merged.data.train_split = ft.train_split
+  if ft.eval_split:
+    merged.data.eval_split = ft.eval_split
+  return merged
 
-  def logits(variables, images):
-    h = module.apply({'params': variables['params'], 'batch_stats': variables['batch_stats']},
-                     images, train=False)
-    return h @ variables[HEAD]['kernel'] + variables[HEAD]['bias']
 
-  return jax.jit(logits, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=parallel.batch_sharded(mesh))
+def _batches(data: ml_collections.ConfigDict, ft: ml_collections.ConfigDict,
+             indices: np.ndarray | None, mesh: Mesh) -> Any:
+  """Endless global (images, labels) batches of crop + flip views of the labelled examples."""
+  num_classes = data.data.num_classes
+  for batch in host_input.probe_train_iterator(
+      data, int(ft.batch_size), crop_area=tuple(ft.crop_area), flip=bool(ft.flip),
+      indices=indices, batch_key='finetune.batch_size'):
+    if batch['label'].min() < 0 or batch['label'].max() >= num_classes:
+      raise ConfigError(f'split {data.data.train_split!r} has labels outside [0, '
+                        f'{num_classes}); fine-tuning needs a labelled split '
+                        '(config.finetune.train_split / config.data.train_split).')
+    arrays = parallel.host_batch_to_global({'image': batch['image'], 'label': batch['label']},
+                                           mesh)
+    yield arrays['image'], arrays['label']
 
 
-def finetune(variables: Any, model_cfg: ml_collections.ConfigDict,
+def finetune(variables: Any, pretrain_config: ml_collections.ConfigDict,
              cfg: ml_collections.ConfigDict, ft: ml_collections.ConfigDict, mesh: Mesh,
-             eval_batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Fine-tunes the encoder of `variables` (a SimCLR {'params','batch_stats'}) per `ft`.
+             eval_batch_size: int, pretrain_workdir: str = ''
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Fine-tunes the pretrained SimCLR `variables` per config.finetune `ft`.
 
-  `cfg` is the data config (cfg.seed seeds the subset, the epoch orders and the views).
-  Returns (results {'top1','top5','label_fraction','num_train_examples','from_block'} on
-  cfg.data.eval_split, the fine-tuned encoder's {'params','batch_stats','head'}).
+  `cfg` is the evaluation's data config (cfg.seed seeds the subset, data order and views).
+  Returns (results with top-1/top-5 on the eval split and the protocol, the fine-tuned
+  {'params', 'batch_stats'} of the Classifier).
   """
-  fraction, from_block = float(ft.label_fraction), int(ft.from_block)
-  num_classes = cfg.data.num_classes
-  module = resnet.ResNet(model_cfg.depth, model_cfg.width, model_cfg.cifar_stem,
-                         simclr.compute_dtype(model_cfg), train_from_stage=from_block)
-  ids, _ = label_subset(cfg, fraction, cfg.seed)
-  indices = None if fraction >= 1.0 else ids  # 100%: the unfiltered pipeline
-  total = host_input.num_examples(cfg)
-  steps_per_epoch = host_input.probe_num_batches(total, ft.batch_size, jax.process_count(),
-                                               None if indices is None else len(ids))
-  tx = make_optimizer(ft, int(ft.epochs) * steps_per_epoch)
+  data = data_config(cfg, ft)
+  model_cfg = pretrain_config.model
+  selector, from_block = proj_selector(ft, model_cfg), int(ft.from_block)
+  module = build_classifier(model_cfg, data.data.num_classes, from_block, selector)
+  fraction = float(ft.label_fraction)
+  indices = label_subset(data, fraction, cfg.seed)[0] if fraction < 1.0 else None
+  n = host_input.num_examples(data) if indices is None else len(indices)
+  steps = optim.train_steps(n, ft)
+  tx, _ = make_optimizer(ft, n, steps)
 
-  host = jax.tree.map(np.asarray, {'params': variables['params']['encoder'],
-                                   'batch_stats': variables['batch_stats']['encoder']})
-  frozen, trained_enc = split_params(host['params'], from_block)
-  dim = resnet.feature_dim(model_cfg.depth, model_cfg.width)
-  trained = {'encoder': trained_enc,
-             HEAD: {'kernel': np.zeros((dim, num_classes), np.float32),
-                    'bias': np.zeros((num_classes,), np.float32)}}
-  trained, frozen, batch_stats = parallel.replicate((trained, frozen, host['batch_stats']), mesh)
-  opt_state = parallel.replicate(jax.tree.map(np.asarray, tx.init(trained)), mesh)
+  init = initial_variables(module, variables, data.data.image_size, pretrain_workdir)
+  frozen, trained = split_params(init['params'], from_block)
+  opt_state = jax.tree.map(np.asarray, tx.init(trained))
+  trained, opt_state, frozen, batch_stats = parallel.replicate(
+      (trained, opt_state, frozen, init['batch_stats']), mesh)
   step = make_train_step(module, tx, mesh)
-  for e in range(int(ft.epochs)):
-    for batch in host_input.probe_train_iterator(cfg, ft.batch_size, epoch=e,
-                                               crop_area=tuple(ft.crop_area), flip=ft.flip,
-                                               indices=indices, shuffle=True):
-      arrays = parallel.host_batch_to_global(
-          {k: batch[k] for k in ('image', 'label', 'mask')}, mesh)
-      trained, opt_state, batch_stats, _ = step(trained, opt_state, frozen, batch_stats, arrays)
+  for _, (images, labels) in zip(range(steps), _batches(data, ft, indices, mesh)):
+    trained, opt_state, batch_stats, _ = step(trained, opt_state, frozen, batch_stats, images,
+                                              labels)
 
-  tuned = {'params': {**frozen, **trained['encoder']}, 'batch_stats': batch_stats,
-           HEAD: trained[HEAD]}
-  logits, labels = features.extract_features(
-      make_logits_fn(module, mesh), tuned,
-      host_input.eval_iterator(cfg, cfg.data.eval_split, eval_batch_size), mesh)
-  acc = features.topk_accuracy(logits, labels)
-  results = {'top1': acc['top1'], 'top5': acc['top5'], 'label_fraction': fraction,
-             'num_train_examples': int(len(ids)), 'from_block': from_block}
+  tuned = {'params': merge_params(frozen, trained), 'batch_stats': batch_stats}
+  logits_fn = features.make_predict_fn(lambda v, x: module.apply(v, x, train=False), mesh)
+  logits, labels = features.extract(
+      logits_fn, tuned, host_input.eval_iterator(data, data.data.eval_split, eval_batch_size),
+      mesh)
+  results = {
+      **features.topk_accuracy(logits, labels), 'label_fraction': fraction,
+      'num_train_examples': int(n), 'num_test': int(len(labels)),
+      'data': {'dataset': data.data.name if data.data.source == 'tfds' else data.data.source,
+               'train_split': data.data.train_split, 'eval_split': data.data.eval_split},
+      'protocol': {
+          'optimizer': ft.optimizer, 'base_lr': float(ft.base_lr), 'lr_scaling': ft.lr_scaling,
+          'learning_rate': optim.scaled_learning_rate(float(ft.base_lr), int(ft.batch_size),
+                                                      ft.lr_scaling),
+          'momentum': float(ft.momentum), 'weight_decay': float(ft.weight_decay),
+          'warmup_epochs': float(ft.warmup_epochs), 'epochs': float(ft.epochs), 'steps': steps,
+          'batch_size': int(ft.batch_size), 'from_block': from_block,
+          'proj_selector': selector,
+          'augmentation': f'random resized crop, area {tuple(ft.crop_area)}' +
+                          (' + horizontal flip' if ft.flip else '')}}
   return results, tuned

@@ -1,61 +1,108 @@
-"""The linear-evaluation job: linear probe + kNN on the frozen encoder of a pretraining run.
+"""The evaluation job: restore a pretraining run's encoder, run the configured evaluators.
 
-Read top to bottom: config → pretraining run (config.json + checkpoint) → mesh and model →
-features → probe (cached or augmented) and kNN → the same on a random encoder → outputs.
-The maths lives in `features`, `linear_probe`, `knn` and `finetune`; this module wires it to
-checkpoints, data and outputs.
+Read top to bottom: config → pretraining run (config.json + checkpoint) → mesh, model and the
+one feature forward → each evaluator of config.evaluators (linear probe, kNN, fine-tuning) on
+the pretrained encoder → with config.baseline the same on a random encoder, and the linear probe
+on raw pixels → results.json, metrics and one summary line. An evaluator is a function
+(Encoder, Context) → dict of figures; the maths lives in `linear_probe`, `knn` and `finetune`,
+inference in `features`.
 """
-import functools
+import dataclasses
 import json
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, parallel
-from simclr_jax.eval import features, finetune, knn, linear_probe
-from simclr_jax import metrics
+from simclr_jax import metrics, parallel
+from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import host_input
-from simclr_jax.models import simclr
+from simclr_jax.errors import ConfigError
+from simclr_jax.eval import encoder as encoder_lib
+from simclr_jax.eval import features, finetune, knn, linear_probe
 
 RESULTS_FILE = 'results.json'
 FEATURES = ('h', 'z')
-PROBE_MODES = ('cached', 'augmented')
+PROBE_MODES = ('augmented', 'cached')
+LR_SCALINGS = ('linear', 'sqrt')
+# The official code's CIFAR-size rule (tf2/data.py: `if FLAGS.image_size <= 32: test_crop =
+# False`): probe.preset='auto' takes probe.presets.cifar at this size or below, else imagenet.
+CIFAR_MAX_SIZE = 32
 
 
 # --- config ----------------------------------------------------------------------------------
 
 
+def evaluator_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The names in config.evaluators, in order; a ConfigError for an unknown or repeated one."""
+  names = [n.strip() for n in str(config.evaluators).split(',') if n.strip()]
+  for name in names:
+    if name not in EVALUATORS:
+      raise ConfigError(f'config.evaluators={config.evaluators!r}: {name!r} is not one of '
+                        f'{sorted(EVALUATORS)} (comma-separated, e.g. linear_probe,knn).')
+  if not names or len(set(names)) != len(names):
+    raise ConfigError(f'config.evaluators={config.evaluators!r} must name each evaluator once, '
+                      'e.g. linear_probe,knn,finetune.')
+  return names
+
+
+def _positive(values: dict[str, Any]) -> None:
+  """ConfigError naming the first key whose value is set and not > 0."""
+  for key, value in values.items():
+    if value is not None and not value > 0:
+      raise ConfigError(f'config.{key}={value} must be > 0.')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming the first bad key of the linear-eval config."""
+  """ConfigError naming the first bad key of the evaluation config."""
   if not config.pretrain_workdir:
-    raise ValueError('config.pretrain_workdir is not set; pass '
-                     '--config.pretrain_workdir=DIR, the --workdir of the pretraining run.')
-  if config.feature not in FEATURES:
-    raise ValueError(f'config.feature={config.feature!r} is not one of {FEATURES}.')
-  if config.probe.mode not in PROBE_MODES:
-    raise ValueError(f'config.probe.mode={config.probe.mode!r} is not one of {PROBE_MODES}.')
-  positive = {'probe.epochs': config.probe.epochs, 'probe.batch_size': config.probe.batch_size,
-              'eval_batch_size': config.eval_batch_size, 'knn.k': config.knn.k}
-  for key, value in positive.items():
-    if value < 1:
-      raise ValueError(f'config.{key}={value} must be >= 1.')
-  ft = config.get('finetune')
-  if ft is not None and ft.enabled:
-    if not 0.0 < ft.label_fraction <= 1.0:
-      raise ValueError(f'config.finetune.label_fraction={ft.label_fraction} must be in (0, 1].')
-    if not 0 <= ft.from_block <= finetune.NUM_STAGES:
-      raise ValueError(f'config.finetune.from_block={ft.from_block} must be in '
-                       f'[0, {finetune.NUM_STAGES}] (0: whole network, k: stage k onward).')
-    for key in ('epochs', 'batch_size'):
-      if ft[key] < 1:
-        raise ValueError(f'config.finetune.{key}={ft[key]} must be >= 1.')
+    raise ConfigError('config.pretrain_workdir is not set; pass '
+                      '--config.pretrain_workdir=DIR, the --workdir of the pretraining run.')
+  evaluator_names(config)
+  choices = {'feature': (config.feature, FEATURES), 'probe.mode': (config.probe.mode, PROBE_MODES),
+             'probe.lr_scaling': (config.probe.lr_scaling, LR_SCALINGS),
+             'finetune.lr_scaling': (config.finetune.lr_scaling, LR_SCALINGS),
+             'finetune.optimizer': (config.finetune.optimizer, finetune.OPTIMIZERS)}
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f'config.{key}={value!r} is not one of {allowed}.')
+  p, ft = config.probe, config.finetune
+  _positive({'eval_batch_size': config.eval_batch_size, 'knn.k': config.knn.k,
+             'knn.temperature': config.knn.temperature, 'probe.epochs': p.epochs,
+             'probe.batch_size': p.batch_size, 'probe.base_lr': p.base_lr,
+             'finetune.epochs': ft.epochs, 'finetune.batch_size': ft.batch_size,
+             'finetune.base_lr': ft.base_lr, 'pixels.max_mb': config.pixels.max_mb})
+  for key, value in {'probe.weight_decay': p.weight_decay,
+                     'finetune.weight_decay': ft.weight_decay,
+                     'finetune.warmup_epochs': ft.warmup_epochs}.items():
+    if value is not None and value < 0:
+      raise ConfigError(f'config.{key}={value} must be >= 0.')
+  if not 0.0 < ft.label_fraction <= 1.0:
+    raise ConfigError(f'config.finetune.label_fraction={ft.label_fraction} must be in (0, 1].')
+  if not 0 <= ft.from_block <= finetune.NUM_STAGES:
+    raise ConfigError(f'config.finetune.from_block={ft.from_block} must be in '
+                      f'[0, {finetune.NUM_STAGES}] (0: whole network, k: stage k onward).')
+
+
+def resolve_probe(probe: ml_collections.ConfigDict, image_size: int) -> ml_collections.ConfigDict:
+  """config.probe with its unset keys (None) from probe.presets[preset] ('auto': by image size)."""
+  name = probe.preset
+  if name == 'auto':
+    name = 'cifar' if image_size <= CIFAR_MAX_SIZE else 'imagenet'
+  if name not in probe.presets:
+    raise ConfigError(f'config.probe.preset={probe.preset!r}: there is no config.probe.presets.'
+                      f'{name}; use auto or one of {sorted(probe.presets)}.')
+  resolved = ml_collections.ConfigDict(probe.to_dict())
+  resolved.preset = name
+  for key, value in probe.presets[name].items():
+    if resolved[key] is None:
+      resolved[key] = value
+  return resolved
 
 
 def data_config(config: ml_collections.ConfigDict,
@@ -69,228 +116,234 @@ def data_config(config: ml_collections.ConfigDict,
   return merged
 
 
-# --- pretrained encoder ----------------------------------------------------------------------
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """{'params/encoder/conv/kernel': shape, ...} of a pytree of arrays or ShapeDtypeStructs."""
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(np.shape(leaf))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def check_variables_match(restored: Any, expected: Any, pretrain_workdir: str) -> None:
-  """Raises a ValueError naming the first parameter path whose presence or shape differs."""
-  got, want = _flat_shapes(restored), _flat_shapes(expected)
-  for path in sorted(set(got) | set(want)):
-    if got.get(path) != want.get(path):
-      show = lambda s: 'absent' if s is None else str(s)  # noqa: E731
-      raise ValueError(
-          f'the checkpoint in {pretrain_workdir} does not match the model rebuilt from its '
-          f'{checkpoint.CONFIG_FILE}: {path} is {show(got.get(path))} in the checkpoint but '
-          f'{show(want.get(path))} in the model (was config.json edited, or the checkpoint '
-          'copied from another run?).')
-
-
-def build_model(pretrain_config: ml_collections.ConfigDict) -> simclr.SimCLR:
-  """The pretraining model exactly (incl. its online probe head, so the checkpoint tree matches)."""
-  return simclr.from_config(pretrain_config.model, pretrain_config.data.num_classes)
-
-
-def _input_shape(pretrain_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """[H, W, C] of the model input (init only; the encoder pools, so any size runs)."""
-  size = pretrain_config.data.image_size
-  return (size, size, 3)
-
-
-def restore_encoder(pretrain_workdir: str, checkpoint_step: int, mesh: Mesh
-                    ) -> tuple[ml_collections.ConfigDict, simclr.SimCLR, int, Any]:
-  """(pretraining config, model, step, {'params', 'batch_stats'} replicated on `mesh`)."""
-  pretrain_config = checkpoint.read_config(pretrain_workdir)
-  model = build_model(pretrain_config)
-  step, variables = checkpoint.restore_variables(
-      pretrain_workdir, None if checkpoint_step < 0 else checkpoint_step)
-  # eval_shape: the expected tree without running (or compiling) the initialiser.
-  expected = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, *_input_shape(pretrain_config))), train=False))
-  check_variables_match(variables, expected, pretrain_workdir)
-  return pretrain_config, model, step, parallel.replicate(variables, mesh)
-
-
-def random_encoder(model: simclr.SimCLR, pretrain_config: ml_collections.ConfigDict, seed: int,
-                   mesh: Mesh) -> Any:
-  """Seeded random initialisation of the same architecture (BN statistics at their init 0/1)."""
-  # Initialised on one device (compiles far faster than SPMD over the mesh), then replicated.
-  # An 'rbg' key: same initialiser distributions, but XLA:CPU compiles the init ~5x faster
-  # than with threefry (seconds instead of half a minute for a ResNet-18).
-  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *_input_shape(pretrain_config))),
-                                        train=False))
-  variables = init(jax.random.key(seed, impl='rbg'))
-  # Via host numpy, as the restored variables: a committed single-device array cannot be
-  # placed on a multi-process mesh, and every process computes the same seeded values.
-  return parallel.replicate(jax.tree.map(np.asarray, variables), mesh)
-
-
-# --- features ----------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def make_feature_fn(model: simclr.SimCLR, mesh: Mesh, feature: str) -> features.FeatureFn:
-  """Jitted inference-mode forward returning `feature` ('h' or 'z'), batch sharded on "data"."""
-  if feature == 'h':
-    return features.make_feature_fn(model, mesh)
-
-  def forward(variables: Any, images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False)[feature].astype(jnp.float32)
-
-  return jax.jit(forward,
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=parallel.batch_sharded(mesh))
-
-
 def _check_labels(labels: np.ndarray, num_classes: int, split: str) -> None:
-  """The probe needs labels in [0, num_classes): a clear error for unlabelled data."""
+  """The probe and kNN need labels in [0, num_classes): a ConfigError for unlabelled data."""
   if not len(labels) or np.all(labels < 0):
-    raise ValueError(f'split {split!r} has no labels (every label is -1); the linear probe '
-                     'and kNN need a labelled data set (set config.data.train_split / '
-                     'config.data.eval_split to labelled splits).')
+    raise ConfigError(f'split {split!r} has no labels (every label is -1); the linear probe '
+                      'and kNN need a labelled data set (set config.data.train_split / '
+                      'config.data.eval_split to labelled splits).')
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f'split {split!r} has labels in [{labels.min()}, {labels.max()}], outside '
-                     f'[0, config.data.num_classes={num_classes}).')
+    raise ConfigError(f'split {split!r} has labels in [{labels.min()}, {labels.max()}], outside '
+                      f'[0, config.data.num_classes={num_classes}).')
 
 
-# --- linear probe ------------------------------------------------------------------------------
+# --- what the evaluators see ---------------------------------------------------------------------
 
 
-def _train_probe_augmented(feature_fn: features.FeatureFn, variables: Any,
-                           cfg: ml_collections.ConfigDict, probe: ml_collections.ConfigDict,
-                           num_classes: int, mesh: Mesh, eval_batch_size: int
-                           ) -> dict[str, jax.Array]:
-  """The official path: each epoch, features of fresh crop+flip views, then one probe epoch.
-
-  Same optimiser, schedule, shuffles and zero-initialised head as `train_linear_probe`; the
-  standardisation statistics are those of epoch 0's features, fixed afterwards so the head
-  sees one input scale for the whole schedule.
-  """
-  trainable = stats = opt_state = epoch_fn = None
-  key = jax.random.key(cfg.seed)
-  for e in range(probe.epochs):
-    feats, labels = features.extract_features(
-        feature_fn, variables,
-        host_input.probe_train_iterator(cfg, eval_batch_size, epoch=e,
-                                      crop_area=tuple(probe.crop_area), flip=probe.flip),
-        mesh)
-    if epoch_fn is None:
-      _check_labels(labels, num_classes, cfg.data.train_split)
-      n, dim = feats.shape
-      batch_size = min(probe.batch_size, n)
-      # linear_probe's cached epoch function: the same jitted epoch as the cached path.
-      epoch_fn, tx = linear_probe.probe_epoch_fn(
-          n // batch_size, batch_size, probe.epochs, float(probe.learning_rate),
-          float(probe.momentum), bool(probe.nesterov), float(probe.weight_decay))
-      stats = {'mean': jnp.mean(feats, axis=0), 'var': jnp.var(feats, axis=0)}
-      trainable = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
-                   'bias': jnp.zeros((num_classes,), jnp.float32)}
-      opt_state = tx.init(trainable)
-    trainable, opt_state = epoch_fn(trainable, opt_state, stats, jnp.asarray(feats),
-                                    jnp.asarray(labels), jax.random.fold_in(key, e))
-  return {**stats, **trainable}
+def make_feature_fn(model: Any, mesh: Mesh, feature: str) -> features.PredictFn:
+  """The jitted inference forward returning the one output `feature` ('h' or 'z')."""
+  outputs = features.model_outputs(model, (feature,))
+  return features.make_predict_fn(lambda v, x: outputs(v, x)[feature], mesh)
 
 
-def evaluate_encoder(feature_fn: features.FeatureFn, variables: Any,
-                     cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                     mesh: Mesh) -> dict[str, Any]:
-  """Probe top-1/top-5 and kNN top-1/top-5 of one encoder on cfg.data.eval_split."""
-  num_classes = cfg.data.num_classes
-  data = cfg.data
-  train_feats, train_labels = features.extract_features(
-      feature_fn, variables, host_input.eval_iterator(cfg, data.train_split,
-                                                    config.eval_batch_size), mesh)
-  test_feats, test_labels = features.extract_features(
-      feature_fn, variables, host_input.eval_iterator(cfg, data.eval_split,
-                                                    config.eval_batch_size), mesh)
-  _check_labels(train_labels, num_classes, data.train_split)
-  _check_labels(test_labels, num_classes, data.eval_split)
-  p = config.probe
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """The job's settings shared by every evaluator."""
+  config: ml_collections.ConfigDict  # the evaluation config
+  cfg: ml_collections.ConfigDict  # the pretraining config with the data overrides and seed
+  pretrain_config: ml_collections.ConfigDict
+  probe: ml_collections.ConfigDict  # config.probe with its preset applied
+  mesh: Mesh
+  feature_fn: features.PredictFn  # (variables, images) -> config.feature, the one forward
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.cfg.data.num_classes)
+
+
+@dataclasses.dataclass
+class Encoder:
+  """One encoder under evaluation; its eval-view features are extracted once per split."""
+  name: str  # 'pretrained' | 'random'
+  variables: Any  # {'params', 'batch_stats'} of the SimCLR model, replicated on the mesh
+  ctx: Context
+  _features: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+  def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features [n, d], labels [n]) of every example of `split` (eval view, each once)."""
+    if split not in self._features:
+      ctx = self.ctx
+      batches = host_input.eval_iterator(ctx.cfg, split, ctx.config.eval_batch_size)
+      feats, labels = features.extract(ctx.feature_fn, self.variables, batches, ctx.mesh)
+      _check_labels(labels, ctx.num_classes, split)
+      self._features[split] = feats, labels
+    return self._features[split]
+
+
+# --- evaluators ----------------------------------------------------------------------------------
+
+
+def _augmented_batches(enc: Encoder, p: linear_probe.Protocol
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Endless (features, labels) of fresh crop + flip views through the frozen encoder."""
+  ctx = enc.ctx
+  for batch in host_input.probe_train_iterator(ctx.cfg, p.batch_size,
+                                               crop_area=tuple(ctx.probe.crop_area),
+                                               flip=bool(ctx.probe.flip)):
+    _check_labels(batch['label'], ctx.num_classes, ctx.cfg.data.train_split)
+    batch = {**batch, 'mask': np.ones(batch['label'].shape, bool)}
+    yield features.extract(ctx.feature_fn, enc.variables, [batch], ctx.mesh)
+
+
+def eval_linear_probe(enc: Encoder, ctx: Context) -> dict[str, Any]:
+  """Top-1/top-5 of the linear probe on the eval split, with the protocol that produced them."""
+  data = ctx.cfg.data
+  test_feats, test_labels = enc.features(data.eval_split)
+  p = linear_probe.protocol(ctx.probe, host_input.num_examples(ctx.cfg))
   if p.mode == 'cached':
-    params = linear_probe.train_linear_probe(
-        train_feats, train_labels, num_classes, epochs=p.epochs, batch_size=p.batch_size,
-        learning_rate=p.learning_rate, momentum=p.momentum, nesterov=p.nesterov,
-        weight_decay=p.weight_decay, seed=config.seed)
+    train_feats, train_labels = enc.features(data.train_split)
+    params = linear_probe.train_cached(train_feats, train_labels, ctx.num_classes, p,
+                                       ctx.config.seed)
   else:
-    params = _train_probe_augmented(feature_fn, variables, cfg, p, num_classes, mesh,
-                                    config.eval_batch_size)
-  probe = features.topk_accuracy(linear_probe.predict_linear_probe(params, test_feats),
-                                 test_labels)
-  knn = knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes,
-                              k=config.knn.k, temperature=config.knn.temperature)
-  return {'top1': probe['top1'], 'top5': probe['top5'], 'knn_top1': knn['top1'],
-          'knn_top5': knn['top5'], 'num_train': int(len(train_labels)),
-          'num_test': int(len(test_labels))}
+    # Standardisation statistics, when asked for, are the eval-view train features'.
+    stats = (linear_probe.standardisation(enc.features(data.train_split)[0])
+             if p.standardise else None)
+    params = linear_probe.train_streamed(_augmented_batches(enc, p), test_feats.shape[1],
+                                         ctx.num_classes, p, stats)
+  logits = linear_probe.predict_linear_probe(params, test_feats)
+  return {**features.topk_accuracy(logits, test_labels), 'protocol': p.as_dict()}
+
+
+def eval_knn(enc: Encoder, ctx: Context) -> dict[str, Any]:
+  """Top-1/top-5 of the weighted kNN on eval-view features (train split as memory)."""
+  data = ctx.cfg.data
+  train_feats, train_labels = enc.features(data.train_split)
+  test_feats, test_labels = enc.features(data.eval_split)
+  k, temperature = int(ctx.config.knn.k), float(ctx.config.knn.temperature)
+  acc = knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, ctx.num_classes,
+                         k=k, temperature=temperature)
+  return {**acc, 'k': k, 'temperature': temperature}
+
+
+def eval_finetune(enc: Encoder, ctx: Context) -> dict[str, Any]:
+  """Top-1/top-5 after fine-tuning (config.finetune); the fine-tuned weights are not kept."""
+  results, _ = finetune.finetune(enc.variables, ctx.pretrain_config, ctx.cfg,
+                                 ctx.config.finetune, ctx.mesh, ctx.config.eval_batch_size,
+                                 ctx.config.pretrain_workdir)
+  return results
+
+
+EVALUATORS: dict[str, Callable[[Encoder, Context], dict[str, Any]]] = {
+    'linear_probe': eval_linear_probe, 'knn': eval_knn, 'finetune': eval_finetune}
+# A random encoder is judged with the frozen-feature evaluators only.
+BASELINE_EVALUATORS = ('linear_probe', 'knn')
+
+
+def pixel_baseline(ctx: Context) -> dict[str, Any]:
+  """The linear probe (cached, standardised) on flattened eval-view pixels.
+
+  The train examples are capped by config.pixels.max_mb of float32 pixels: beyond that, a
+  seeded class-balanced subset of the train split; the test split is streamed whole.
+  """
+  cfg, size, batch = ctx.cfg, ctx.cfg.data.image_size, ctx.config.eval_batch_size
+  n = host_input.num_examples(cfg)
+  cap = max(1, int(ctx.config.pixels.max_mb * 2**20 // (size * size * 3 * 4)))
+  ids = finetune.label_subset(cfg, cap / n, cfg.seed)[0] if n > cap else None
+  flat = features.make_predict_fn(lambda _, x: x.reshape(x.shape[0], -1), ctx.mesh)
+  pixels, labels = features.extract(
+      flat, {}, host_input.eval_iterator(cfg, cfg.data.train_split, batch, indices=ids),
+      ctx.mesh)
+  _check_labels(labels, ctx.num_classes, cfg.data.train_split)
+  probe = ml_collections.ConfigDict(ctx.probe.to_dict())
+  probe.standardise = True  # raw pixels are not centred; the textbook baseline standardises
+  p = linear_probe.protocol(probe, len(labels), mode='cached')
+  params = linear_probe.train_cached(pixels, labels, ctx.num_classes, p, cfg.seed)
+  logits_fn = features.make_predict_fn(
+      lambda v, x: linear_probe.predict_linear_probe(v, x.reshape(x.shape[0], -1)), ctx.mesh)
+  logits, test_labels = features.extract(
+      logits_fn, params, host_input.eval_iterator(cfg, cfg.data.eval_split, batch), ctx.mesh)
+  return {**features.topk_accuracy(logits, test_labels), 'num_train': int(len(labels)),
+          'protocol': p.as_dict()}
 
 
 # --- the job -------------------------------------------------------------------------------------
 
 
 def summary_line(results: dict[str, Any]) -> str:
-  """The one-line console summary, e.g. 'linear probe top-1 0.912 top-5 0.998 | kNN top-1 0.89'."""
-  line = (f"linear probe top-1 {results['top1']:.3f} top-5 {results['top5']:.3f} | "
-          f"kNN top-1 {results['knn_top1']:.3f}")
-  if 'baseline' in results:
-    b = results['baseline']
-    line += f" | random-encoder baseline: probe {b['top1']:.3f} kNN {b['knn_top1']:.3f}"
+  """One console line, e.g. 'linear probe top-1 0.912 top-5 0.998 (augmented, ...) | kNN ...'."""
+  parts = []
+  if 'linear_probe' in results:
+    r = results['linear_probe']
+    parts.append(f"linear probe top-1 {r['top1']:.3f} top-5 {r['top5']:.3f} "
+                 f"({r['protocol']['mode']}, {r['protocol']['steps']} steps)")
+  if 'knn' in results:
+    parts.append(f"kNN top-1 {results['knn']['top1']:.3f}")
   if 'finetune' in results:
-    f = results['finetune']
-    line += f" | fine-tune ({f['label_fraction'] * 100:g}%) top-1 {f['top1']:.3f}"
-  return line
+    r = results['finetune']
+    parts.append(f"fine-tune ({r['label_fraction'] * 100:g}% of {r['data']['dataset']}) "
+                 f"top-1 {r['top1']:.3f}")
+  if 'baseline' in results:
+    rand, pixels = results['baseline']['random_encoder'], results['baseline']['pixels']
+    names = {'linear_probe': 'probe', 'knn': 'kNN'}
+    random_part = ' '.join(f'{names[k]} {rand[k]["top1"]:.3f}' for k in names if k in rand)
+    parts.append(f'baselines: random encoder {random_part}, raw-pixel probe '
+                 f"{pixels['top1']:.3f}")
+  return ' | '.join(parts)
+
+
+def scalars(results: dict[str, Any], prefix: str = 'linear_eval') -> dict[str, float]:
+  """Every top-k figure of `results` as {'linear_eval/<evaluator>/top1': value, ...}."""
+  out = {}
+  for key, value in results.items():
+    if isinstance(value, dict) and key not in ('protocol', 'data'):
+      out.update(scalars(value, f'{prefix}/{key}'))
+    elif key.startswith('top') and isinstance(value, float):
+      out[f'{prefix}/{key}'] = value
+  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the pretraining run config.pretrain_workdir; writes WORKDIR/results.json."""
   check_config(config)
-  checkpoint.ensure_writable(workdir)
+  names = evaluator_names(config)
+  workdir_lib.ensure_writable(workdir)
   start = time.time()
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  if config.finetune.enabled:
-    parallel.check_batch_size(config.finetune.batch_size, mesh, 'finetune.batch_size')
 
   # Checked before any restore or compile: unlabelled data is a config error, found fast.
-  pretrain_config = checkpoint.read_config(config.pretrain_workdir)
+  pretrain_config = workdir_lib.read_config(config.pretrain_workdir)
   cfg = data_config(config, pretrain_config)
   if not cfg.data.num_classes or cfg.data.num_classes < 1:
-    raise ValueError(
+    raise ConfigError(
         f'config.data.num_classes={cfg.data.num_classes}: the data set has no labels, so there '
         'is nothing for the linear probe to predict; evaluate on a labelled data set or set '
         'config.data.num_classes.')
+  probe = resolve_probe(config.probe, cfg.data.image_size)
+  if 'linear_probe' in names and probe.mode == 'augmented':
+    parallel.check_batch_size(probe.batch_size, mesh, 'probe.batch_size')
+  if 'finetune' in names:
+    parallel.check_batch_size(config.finetune.batch_size, mesh, 'finetune.batch_size')
 
-  _, model, step, variables = restore_encoder(config.pretrain_workdir, config.checkpoint_step,
-                                              mesh)
-  logging.info('Evaluating %s at step %d (feature %s, probe %s).', config.pretrain_workdir,
-               step, config.feature, config.probe.mode)
-  # One jitted forward for both encoders: the baseline reuses its compilation.
-  feature_fn = make_feature_fn(model, mesh, config.feature)
-  results = {**evaluate_encoder(feature_fn, variables, cfg, config, mesh),
-             'checkpoint_step': int(step), 'pretrain_workdir': str(config.pretrain_workdir),
-             'feature': config.feature, 'probe_mode': config.probe.mode}
+  _, model, step, variables = encoder_lib.restore(config.pretrain_workdir,
+                                                  config.checkpoint_step, mesh)
+  logging.info('Evaluating %s at step %d: %s (feature %s).', config.pretrain_workdir, step,
+               ', '.join(names), config.feature)
+  # One jitted forward for every encoder: the random baseline reuses its compilation.
+  ctx = Context(config, cfg, pretrain_config, probe, mesh,
+                make_feature_fn(model, mesh, config.feature))
+
+  pretrained = Encoder('pretrained', variables, ctx)
+  results = {name: EVALUATORS[name](pretrained, ctx) for name in names}
   if config.baseline:
-    baseline = random_encoder(model, pretrain_config, config.seed, mesh)
-    results['baseline'] = evaluate_encoder(feature_fn, baseline, cfg, config, mesh)
-  if config.finetune.enabled:
-    results['finetune'], _ = finetune.finetune(variables, pretrain_config.model, cfg,
-                                               config.finetune, mesh, config.eval_batch_size)
-  results['seconds'] = time.time() - start
+    rand = Encoder('random', encoder_lib.random_init(model, pretrain_config, config.seed, mesh),
+                   ctx)
+    results['baseline'] = {
+        'random_encoder': {name: EVALUATORS[name](rand, ctx)
+                           for name in names if name in BASELINE_EVALUATORS},
+        'pixels': pixel_baseline(ctx)}
+  train_split, eval_split = cfg.data.train_split, cfg.data.eval_split
+  results.update(
+      checkpoint_step=int(step), pretrain_workdir=str(config.pretrain_workdir),
+      feature=config.feature, train_split=train_split, eval_split=eval_split,
+      num_train=host_input.num_examples(cfg), num_test=host_input.num_examples(cfg, eval_split),
+      seconds=time.time() - start)
 
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + '\n')
   writer = metrics.MetricWriter(workdir)
-  scalars = {f'linear_eval/{k}': results[k] for k in ('top1', 'top5', 'knn_top1', 'knn_top5')}
-  if 'baseline' in results:
-    scalars.update({f'linear_eval/baseline_{k}': results['baseline'][k]
-                    for k in ('top1', 'top5', 'knn_top1', 'knn_top5')})
-  if 'finetune' in results:
-    scalars.update({f'linear_eval/finetune_{k}': results['finetune'][k] for k in ('top1', 'top5')})
-  writer.write(step, scalars)
+  writer.write(step, scalars(results))
   writer.close()
   if jax.process_index() == 0:
     logging.info('%s (%d train / %d test examples, step %d; %s)', summary_line(results),
