@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Also report baselines: the same evaluators on a randomly initialised encoder of the same
   # architecture, and the linear probe on raw pixels (see c.pixels).
   c.baseline = False
+  # Write embedding.png (t-SNE of the eval split's features) and curves.png (the pretraining
+  # run's metrics) beside results.json.
+  c.pictures = True
   # JAX devices without an accelerator, as in configs/base.py (0: one per core, a power of two
   # dividing eval_batch_size).
   c.cpu_devices = 0

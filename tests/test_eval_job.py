@@ -16,7 +16,7 @@ from configs import base, linear_eval
 from simclr_jax import checkpoint, metrics, optim, parallel
 from simclr_jax import workdir as workdir_lib
 from simclr_jax import train_step as ts
-from simclr_jax.data import host_input
+from simclr_jax.data import demo_digits, host_input
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import encoder, features, finetune
 from simclr_jax.eval import job as evaluate
@@ -78,6 +78,10 @@ def pretrain(tmp_path_factory, mesh):
   assert checkpoint.save(mgr, state, force=True)
   checkpoint.close(mgr)
   workdir_lib.write_config(workdir, cfg)
+  with metrics.MetricWriter(workdir) as writer:  # what pretraining logs, for curves.png
+    for step in range(1, STEP + 1):
+      writer.write(step, {'loss': 9.0 - step, 'contrastive_acc': 0.1 * step,
+                          **({'eval/knn_top1': 0.5} if step == STEP else {})})
   saved = {'params': jax.tree.map(np.asarray, state.params),
            'batch_stats': jax.tree.map(np.asarray, state.batch_stats)}
   return workdir, saved
@@ -146,6 +150,22 @@ def test_run_writes_results_with_the_protocol_of_each_figure(results, pretrain):
   line = evaluate.summary_line(written)
   assert 'linear probe top-1' in line and '(augmented, 68 steps)' in line
   assert 'random encoder probe' in line and 'raw-pixel probe' in line
+
+
+def test_pictures_and_per_class_accuracy(results):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  results, workdir = results
+  with Image.open(f'{workdir}/{evaluate.EMBEDDING_FILE}') as im:
+    assert im.format == 'PNG' and im.size == (1280, 560)  # pretrained beside the random encoder
+  with Image.open(f'{workdir}/{evaluate.CURVES_FILE}') as im:
+    assert im.format == 'PNG' and im.size == (1280, 560)  # loss beside the accuracies
+  per_class = results['linear_probe']['per_class_top1']
+  assert sorted(per_class, key=int) == [str(c) for c in range(10)]
+  # Weighted by each class's share of the test digits, the per-class figures give the top-1.
+  _, labels, _ = demo_digits.load('test', 8)
+  counts = np.bincount(labels, minlength=10)
+  weighted = sum(per_class[str(c)] * counts[c] for c in range(10)) / counts.sum()
+  assert weighted == pytest.approx(results['linear_probe']['top1'])
 
 
 def test_random_encoder_baseline_is_a_different_encoder(results):

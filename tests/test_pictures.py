@@ -50,7 +50,7 @@ def test_per_class_accuracy_matches_numpy():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(200, 5))
   labels = rng.integers(0, 4, 200)  # class 4 has no examples: absent from the result
-  got = pictures.per_class_accuracy(logits, labels)
+  got = features.per_class_accuracy(logits, labels)
   pred = np.argmax(logits, axis=1)  # continuous random logits: no ties
   want = {str(c): float(np.mean(pred[labels == c] == c)) for c in range(4)}
   assert got.keys() == want.keys()
@@ -60,5 +60,5 @@ def test_per_class_accuracy_matches_numpy():
   counts = np.bincount(labels)
   mean = sum(got[str(c)] * counts[c] for c in range(4)) / len(labels)
   assert mean == pytest.approx(features.topk_accuracy(logits, labels)['top1'])
-  named = pictures.per_class_accuracy(logits, labels, class_names=list('abcde'))
+  named = features.per_class_accuracy(logits, labels, class_names=list('abcde'))
   assert list(named) == list('abcd')

@@ -240,6 +240,21 @@ def test_error_mode_stops_naming_each_corrupt_kind(tmp_path, name):
   assert 'config.data.on_corrupt=error' in e.value.message
 
 
+def test_error_mode_is_a_config_error_in_the_jobs_input(tmp_path):
+  """What the jobs read (host_input) turns the stop into one ConfigError line naming the file."""
+  from simclr_jax.data import host_input  # pylint: disable=g-import-not-at-top
+  from simclr_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'test' / 'a').mkdir(parents=True)
+  (tmp_path / 'test' / 'a' / 'good.png').write_bytes(_image_bytes('PNG'))
+  (tmp_path / 'test' / 'a' / 'cut.png').write_bytes(_image_bytes('PNG')[:-40])
+  config = ml_collections.ConfigDict({'data': _data_cfg(
+      source='folder', folder=str(tmp_path), on_corrupt='error', train_split='test',
+      image_size=8, classes=('a',))})
+  with pytest.raises(ConfigError, match=rf'Corrupt image {tmp_path}/test/a/cut.png: .*'
+                     r'config\.data\.on_corrupt=error'):
+    list(host_input.eval_iterator(config, 'test', 2, process_index=0, process_count=1))
+
+
 def _write_classes(root, split, classes):
   """root/<split>/<class>/<i>.png: tiny PNGs whose pixel value is the class's code below."""
   for cls, n in classes.items():

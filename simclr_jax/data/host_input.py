@@ -14,6 +14,7 @@ import numpy as np
 
 from simclr_jax.data import sources, views_tf
 from simclr_jax.data.tf_cpu import tf
+from simclr_jax.errors import ConfigError
 
 _MAX_EPOCHS = 2**40  # "forever"; tf.data.Dataset.range needs an end.
 
@@ -87,13 +88,23 @@ def train_dataset(config: Any, *, start_step: int = 0, finish_views: bool = True
   return stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """`ds` as numpy batches; a corrupt file met with on_corrupt='error' is a ConfigError."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except tf.errors.InvalidArgumentError as e:
+    message = sources.corrupt_image_message(e)
+    if message is None:
+      raise
+    raise ConfigError(message) from None
+
+
 def train_iterator(config: Any, *, start_step: int = 0, finish_views: bool = True,
                    process_index: int | None = None,
                    process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """numpy batches {'view1','view2': float32 [b,H,W,3], 'label': int32 [b]}, b = batch/processes."""
-  return train_dataset(config, start_step=start_step, finish_views=finish_views,
-                       process_index=process_index,
-                       process_count=process_count).as_numpy_iterator()
+  return _numpy_batches(train_dataset(config, start_step=start_step, finish_views=finish_views,
+                                      process_index=process_index, process_count=process_count))
 
 
 def _keep(ds: tf.data.Dataset, indices: np.ndarray | None) -> tf.data.Dataset:
@@ -149,8 +160,8 @@ def eval_iterator(config: Any, split: str, batch_size: int, *, indices: np.ndarr
                   process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """numpy batches {'image': float32 [b,H,W,3], 'label': int32 [b], 'mask': bool [b]}."""
-  return eval_dataset(config, split, batch_size, indices=indices, process_index=process_index,
-                      process_count=process_count).as_numpy_iterator()
+  return _numpy_batches(eval_dataset(config, split, batch_size, indices=indices,
+                                     process_index=process_index, process_count=process_count))
 
 
 # Views of the probe / fine-tuning stream are seeded with view index 2: pretraining uses 0 and 1,
@@ -194,4 +205,4 @@ def probe_train_dataset(config: Any, batch_size: int, *,
 def probe_train_iterator(config: Any, batch_size: int, **kwargs: Any
                          ) -> Iterator[dict[str, np.ndarray]]:
   """numpy batches of `probe_train_dataset` (same arguments): image float32, label, index."""
-  return probe_train_dataset(config, batch_size, **kwargs).as_numpy_iterator()
+  return _numpy_batches(probe_train_dataset(config, batch_size, **kwargs))

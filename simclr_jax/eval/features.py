@@ -1,4 +1,4 @@
-"""Inference on the mesh over a padded input, and top-k accuracy: shared by every evaluator.
+"""Inference on the mesh over a padded input, and accuracies: shared by every evaluator.
 
 `make_predict_fn` is the one jitted inference forward (variables replicated, batch and outputs
 sharded on "data"); `extract` runs it over a per-process padded input (rows with mask False are
@@ -82,3 +82,23 @@ def topk_accuracy(logits: Any, labels: Any, ks: Sequence[int] = (1, 5)) -> dict[
   rank = np.sum(logits > label_score, axis=1)  # 0 = the label has the highest score
   num_classes = logits.shape[1]
   return {f'top{k}': float(np.mean(rank < min(k, num_classes))) for k in ks}
+
+
+def per_class_accuracy(logits: Any, labels: Any,
+                       class_names: Sequence[str] | None = None) -> dict[str, float]:
+  """{class: top-1 accuracy on its examples} for each class present in `labels`.
+
+  Keys are class names when given, else the class index as a string (JSON keys). A prediction
+  counts as correct when no class scores strictly higher than the label, as in
+  topk_accuracy, so the count-weighted mean of these is its top1.
+  """
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels).astype(np.int64)
+  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+    raise ValueError(f'logits {logits.shape} and labels {labels.shape} do not match.')
+  correct = np.sum(logits > np.take_along_axis(logits, labels[:, None], axis=1), axis=1) == 0
+  out = {}
+  for c in np.unique(labels):
+    key = class_names[c] if class_names is not None else str(int(c))
+    out[key] = float(np.mean(correct[labels == c]))
+  return out

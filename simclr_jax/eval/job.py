@@ -24,9 +24,11 @@ from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import host_input
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import encoder as encoder_lib
-from simclr_jax.eval import features, finetune, knn, linear_probe
+from simclr_jax.eval import features, finetune, knn, linear_probe, pictures
 
 RESULTS_FILE = 'results.json'
+EMBEDDING_FILE = 'embedding.png'  # t-SNE map of the eval split's features
+CURVES_FILE = 'curves.png'  # the pretraining run's loss and accuracies against step
 FEATURES = ('h', 'z')
 PROBE_MODES = ('augmented', 'cached')
 LR_SCALINGS = ('linear', 'sqrt')
@@ -150,6 +152,11 @@ class Context:
   def num_classes(self) -> int:
     return int(self.cfg.data.num_classes)
 
+  @property
+  def class_names(self) -> list[str] | None:
+    """The folder source's class names (labels are positions in the list), else None."""
+    return list(self.cfg.data.get('classes', ())) or None
+
 
 @dataclasses.dataclass
 class Encoder:
@@ -201,7 +208,9 @@ def eval_linear_probe(enc: Encoder, ctx: Context) -> dict[str, Any]:
     params = linear_probe.train_streamed(_augmented_batches(enc, p), test_feats.shape[1],
                                          ctx.num_classes, p, stats)
   logits = linear_probe.predict_linear_probe(params, test_feats)
-  return {**features.topk_accuracy(logits, test_labels), 'protocol': p.as_dict()}
+  return {**features.topk_accuracy(logits, test_labels), 'protocol': p.as_dict(),
+          'per_class_top1': features.per_class_accuracy(logits, test_labels,
+                                                        ctx.class_names)}
 
 
 def eval_knn(enc: Encoder, ctx: Context) -> dict[str, Any]:
@@ -257,6 +266,27 @@ def pixel_baseline(ctx: Context) -> dict[str, Any]:
 
 
 # --- the job -------------------------------------------------------------------------------------
+
+
+def _pictures(workdir: str, ctx: Context, pretrained: Encoder, rand: Encoder | None) -> None:
+  """EVAL_WORKDIR/embedding.png (t-SNE of eval-split h, the random encoder's beside it) and
+  curves.png (the pretraining run's metrics.jsonl); a missing metrics file is only a warning."""
+  feats, labels = pretrained.features(ctx.cfg.data.eval_split)
+  baseline = rand.features(ctx.cfg.data.eval_split)[0] if rand is not None else None
+  out = epath.Path(workdir)
+  pictures.embedding_map(str(out / EMBEDDING_FILE), feats, labels, ctx.class_names, baseline,
+                         seed=ctx.config.seed)
+  try:
+    rows = metrics.read_metrics(ctx.config.pretrain_workdir)
+  except FileNotFoundError:
+    rows = []
+  if rows:
+    pictures.training_curves(str(out / CURVES_FILE), rows)
+  else:
+    logging.warning('No %s in %s: no %s.', metrics.METRICS_FILE, ctx.config.pretrain_workdir,
+                    CURVES_FILE)
+  logging.info('Pictures: %s', ', '.join(str(out / f) for f in (EMBEDDING_FILE, CURVES_FILE)
+                                        if (out / f).exists()))
 
 
 def summary_line(results: dict[str, Any]) -> str:
@@ -342,6 +372,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + '\n')
+    if config.pictures:
+      _pictures(workdir, ctx, pretrained, rand if config.baseline else None)
   writer = metrics.MetricWriter(workdir)
   writer.write(step, scalars(results))
   writer.close()

@@ -1,4 +1,4 @@
-"""Pictures of a run: a t-SNE map of the features, the training curves; per-class accuracy.
+"""Pictures of a run: a t-SNE map of the features and the training curves.
 
 matplotlib with the Agg backend (no display needed); figures are written at a fixed pixel size
 (`PANEL_PX` per panel) so they read the same everywhere.
@@ -146,23 +146,3 @@ def training_curves(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small', loc='best')
   _save(fig, path)
-
-
-def per_class_accuracy(logits: Any, labels: Any,
-                       class_names: Sequence[str] | None = None) -> dict[str, float]:
-  """{class: top-1 accuracy on its examples} for each class present in `labels`.
-
-  Keys are class names when given, else the class index as a string (JSON keys). A prediction
-  counts as correct when no class scores strictly higher than the label, as in
-  features.topk_accuracy, so the count-weighted mean of these is its top1.
-  """
-  logits = np.asarray(logits, np.float64)
-  labels = np.asarray(labels).astype(np.int64)
-  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-    raise ValueError(f'logits {logits.shape} and labels {labels.shape} do not match.')
-  correct = np.sum(logits > np.take_along_axis(logits, labels[:, None], axis=1), axis=1) == 0
-  out = {}
-  for c in np.unique(labels):
-    key = class_names[c] if class_names is not None else str(int(c))
-    out[key] = float(np.mean(correct[labels == c]))
-  return out
