@@ -238,7 +238,7 @@ def _split_config(**augment):
 
 
 def test_split_host_views_are_the_host_views_without_colour():
-  from simclr_jax.data import host_input, sources, views_tf
+  from simclr_jax.data import host_input, sources, views, views_tf
   import tensorflow as tf
   split = _split_config()
   plain = _split_config(jitter_prob=0.0, grayscale_prob=0.0, blur=False)
@@ -255,7 +255,7 @@ def test_split_host_views_are_the_host_views_without_colour():
   # 'epoch' and 'index' name the example: rebuild a few views from the source by hand.
   images = {int(ex['index']): ex['image'] for ex in sources.load(
       split.data, 'test', process_index=0, process_count=1).ds.as_numpy_iterator()}
-  cfg = dataclasses.replace(views_tf.view_config(split), jitter_prob=0.0, grayscale_prob=0.0,
+  cfg = dataclasses.replace(views.view_config(split), jitter_prob=0.0, grayscale_prob=0.0,
                             blur=False)
   for b, row in [(got[0], 0), (got[12], 31)]:
     for v in (0, 1):

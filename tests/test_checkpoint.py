@@ -11,7 +11,6 @@ import sys
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp

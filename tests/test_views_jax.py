@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import stats
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simclr_jax.data import views_jax as da

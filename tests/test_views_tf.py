@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from simclr_jax.data import views_tf
+from simclr_jax.data import views, views_tf
 from simclr_jax.errors import ConfigError
 
 N = 4000
@@ -37,7 +37,7 @@ def official_windows(shape, n=N_CROPS, **kw):
   return _draw(window, n)
 
 
-def _view_windows(shape, cfg=views_tf.ViewConfig(), n=N_CROPS):
+def _view_windows(shape, cfg=views.ViewConfig(), n=N_CROPS):
   """[n, 4] windows our tf.data views crop: the crop seed of each view's params, as apply_view."""
   return _draw(lambda i: views_tf.sample_crop_window(
       views_tf.sample_view_params(views_tf.view_seed(3, 1, i, 0), cfg)['crop_seed'],
@@ -99,20 +99,20 @@ def test_view_crop_distribution_is_the_official_ops(shape):
 def test_view_crop_matches_the_op_at_the_same_seed():
   """The view's window is the stateless op's, with the official arguments, at the crop seed."""
   seeds = _draw(lambda i: views_tf.sample_view_params(views_tf.view_seed(0, 2, i, 1),
-                                                      views_tf.ViewConfig())['crop_seed'], 50)
+                                                      views.ViewConfig())['crop_seed'], 50)
   for seed in seeds:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         [375, 500, 3], [[[0.0, 0.0, 1.0, 1.0]]], seed, min_object_covered=0.1,
         aspect_ratio_range=(0.75, 4 / 3), area_range=(0.08, 1.0), max_attempts=100,
         use_image_if_no_bounding_boxes=True)
     np.testing.assert_array_equal(
-        views_tf.sample_crop_window(seed, tf.constant([375, 500, 3]), views_tf.ViewConfig()),
+        views_tf.sample_crop_window(seed, tf.constant([375, 500, 3]), views.ViewConfig()),
         [begin[0], begin[1], size[0], size[1]])
 
 
 def test_crop_falls_back_to_whole_image():
   # No crop of at most half the image covers all of it: every attempt fails.
-  cfg = views_tf.ViewConfig(crop_area=(0.08, 0.5), min_object_covered=1.0)
+  cfg = views.ViewConfig(crop_area=(0.08, 0.5), min_object_covered=1.0)
   shape = [40, 30, 3]
   ours = _view_windows(shape, cfg, 100)
   np.testing.assert_array_equal(ours, np.tile([0, 0, 40, 30], (100, 1)))
@@ -126,7 +126,7 @@ def test_crop_falls_back_to_whole_image():
     (dict(min_object_covered=1.2), 'min_object_covered')])
 def test_bad_crop_parameters_name_the_config_key(kw, key):
   with pytest.raises(ConfigError, match=f'augment.{key}'):
-    views_tf.ViewConfig(**kw)
+    views.ViewConfig(**kw)
 
 
 def _params(cfg, n=N):
@@ -134,7 +134,7 @@ def _params(cfg, n=N):
 
 
 def test_param_rates_and_ranges():
-  cfg = views_tf.ViewConfig(size=224, **views_tf.PRESETS['imagenet'])
+  cfg = views.ViewConfig(size=224, **views.PRESETS['imagenet'])
   p = _params(cfg)
   for key, rate in (('flip', 0.5), ('jitter', 0.8), ('grayscale', 0.2), ('blur', 0.5)):
     assert abs(p[key].mean() - rate) < 0.03, key
@@ -148,7 +148,7 @@ def test_param_rates_and_ranges():
 
 
 def test_cifar_preset_has_no_blur_and_weaker_jitter():
-  p = _params(views_tf.ViewConfig(size=32, **views_tf.PRESETS['cifar']), 1000)
+  p = _params(views.ViewConfig(size=32, **views.PRESETS['cifar']), 1000)
   assert not p['blur'].any()
   assert p['brightness'].min() >= 0.6 - 1e-6 and p['brightness'].max() <= 1.4 + 1e-6
   assert np.abs(p['hue']).max() <= 0.1
@@ -178,7 +178,7 @@ def _reference_crop_resize(img, p, cfg):
 
 
 def test_apply_view_stages_match_numpy():
-  cfg = views_tf.ViewConfig(size=24)
+  cfg = views.ViewConfig(size=24)
   img = _image()
   base = _reference_crop_resize(img, _fixed_params(), cfg)
   view = lambda **kw: views_tf.apply_view(tf.constant(img), _fixed_params(**kw), cfg).numpy()
@@ -194,7 +194,7 @@ def test_apply_view_stages_match_numpy():
 
 
 def test_blur_lowers_high_frequencies():
-  cfg = views_tf.ViewConfig(size=64, blur=True)
+  cfg = views.ViewConfig(size=64, blur=True)
   x = tf.constant(_image(64, 64).astype(np.float32) / 255)
   blurred = views_tf.gaussian_blur(x, tf.constant(1.5), cfg.size // 10).numpy()
   energy = lambda a: (np.diff(a[8:-8, 8:-8], axis=0)**2).mean()  # Interior: no padding effect.
@@ -213,7 +213,7 @@ def test_train_view_shapes_range_and_determinism(encode):
   img = _image(60, 90)
   inputs = {'raw': tf.constant(img), 'jpeg': tf.io.encode_jpeg(img),
             'png': tf.io.encode_png(img), 'gray_jpeg': tf.io.encode_jpeg(img[..., :1])}[encode]
-  cfg = views_tf.ViewConfig(size=32, blur=True)
+  cfg = views.ViewConfig(size=32, blur=True)
   view = lambda e, v: views_tf.train_view(inputs, views_tf.view_seed(7, e, 3, v), cfg).numpy()
   a = view(0, 0)
   assert a.shape == (32, 32, 3) and a.dtype == np.float32
@@ -238,7 +238,7 @@ def test_jpeg_view_crops_the_window_of_the_whole_image():
   img = _image(75, 100)
   enc = tf.io.encode_jpeg(img)
   seed = views_tf.view_seed(0, 0, 1, 0)
-  window_fn = lambda shape: views_tf.sample_crop_window(seed, shape, views_tf.ViewConfig())
+  window_fn = lambda shape: views_tf.sample_crop_window(seed, shape, views.ViewConfig())
   y, x, h, w = window_fn(tf.constant([75, 100, 3])).numpy()
   assert (h, w) != (75, 100)
   crop = views_tf.decode_and_crop(enc, window_fn).numpy().astype(int)

@@ -14,7 +14,6 @@ emulated CPU devices) the ratio can exceed 1: compare it at realistic step times
 Flags shared with `step`: --config (default here configs/demo.py), --batch, --steps, --warmup,
 --out_dir; `--config.key=value` overrides apply to both runs.
 """
-import os
 import tempfile
 from typing import Any
 

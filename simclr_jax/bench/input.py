@@ -53,10 +53,10 @@ def _write_jpegs(root: str, n: int) -> None:
 
 def _config(preset: str, folder: str | None) -> Any:
   """Base config with the preset's data and augment keys."""
-  from simclr_jax.data import views_tf
+  from simclr_jax.data import views
   c = ml_collections.ConfigDict(_CONFIG.value.to_dict())
   c.train.batch_size = FLAGS.batch_size
-  c.augment.update(views_tf.PRESETS[preset])
+  c.augment.update(views.PRESETS[preset])
   if preset == 'cifar':
     c.data.source, c.data.image_size = 'demo', 32  # In memory: the digits at 32x32.
   else:

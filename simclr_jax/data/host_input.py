@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from simclr_jax.data import sources, views_tf
+from simclr_jax.data import sources, views, views_tf
 from simclr_jax.data.tf_cpu import tf
 from simclr_jax.errors import ConfigError
 
@@ -73,7 +73,7 @@ def train_dataset(config: Any, *, start_step: int = 0, finish_views: bool = True
   start_epoch, skip = divmod(start_step * batch, src.num_examples)
   seed = config.seed
   stream = _epochs(ds, src.num_examples, config, start_epoch).skip(skip)
-  cfg = views_tf.view_config(config)
+  cfg = views.view_config(config)
   if not finish_views:  # Probabilities 0 switch jitter and grayscale off; crop/flip draws stay.
     cfg = dataclasses.replace(cfg, jitter_prob=0.0, grayscale_prob=0.0, blur=False)
 
@@ -188,7 +188,7 @@ def probe_train_dataset(config: Any, batch_size: int, *,
   ds = _keep(src.ds, indices)
   ds = ds.cache() if config.data.cache else ds
   # Jitter and grayscale probabilities of 0 switch those ops off: crop + flip only.
-  cfg = views_tf.ViewConfig(size=config.data.image_size, crop_area=tuple(crop_area), flip=flip,
+  cfg = views.ViewConfig(size=config.data.image_size, crop_area=tuple(crop_area), flip=flip,
                             jitter_prob=0.0, grayscale_prob=0.0, blur=False)
   seed = config.seed
 

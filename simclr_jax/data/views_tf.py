@@ -8,9 +8,7 @@ from typing import Any
 
 from simclr_jax.data.tf_cpu import tf
 
-# The view's parameters are shared with views_jax (no TF there); re-exported for callers.
-from simclr_jax.data.views import (  # noqa: F401
-    CROP_TRIES, EVAL_CROP_FRACTION, PRESETS, ViewConfig, view_config)
+from simclr_jax.data.views import CROP_TRIES, EVAL_CROP_FRACTION, ViewConfig
 
 
 def view_seed(seed: Any, epoch: Any, index: Any, view: Any) -> tf.Tensor:

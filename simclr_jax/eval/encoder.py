@@ -48,9 +48,16 @@ def _input_shape(pretrain_config: ml_collections.ConfigDict) -> tuple[int, int, 
   return (size, size, 3)
 
 
-def restore(pretrain_workdir: str, checkpoint_step: int, mesh: Mesh
-                    ) -> tuple[ml_collections.ConfigDict, simclr.SimCLR, int, Any]:
-  """(pretraining config, model, step, {'params', 'batch_stats'} replicated on `mesh`)."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ConfigError when a job that reads a pretraining run is not told which one."""
+  if not config.pretrain_workdir:
+    raise ConfigError('config.pretrain_workdir is not set; pass --config.pretrain_workdir=DIR, '
+                      'the --workdir of the pretraining run.')
+
+
+def read(pretrain_workdir: str, checkpoint_step: int
+         ) -> tuple[ml_collections.ConfigDict, simclr.SimCLR, int, Any]:
+  """(pretraining config, model, step, host numpy {'params', 'batch_stats'}), checked."""
   pretrain_config = workdir_lib.read_config(pretrain_workdir)
   model = build_model(pretrain_config)
   step, variables = checkpoint.restore_variables(
@@ -59,11 +66,18 @@ def restore(pretrain_workdir: str, checkpoint_step: int, mesh: Mesh
   expected = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, *_input_shape(pretrain_config))), train=False))
   check_variables_match(variables, expected, pretrain_workdir)
+  return pretrain_config, model, step, variables
+
+
+def restore(pretrain_workdir: str, checkpoint_step: int, mesh: Mesh
+            ) -> tuple[ml_collections.ConfigDict, simclr.SimCLR, int, Any]:
+  """`read`, with the variables replicated on `mesh`."""
+  pretrain_config, model, step, variables = read(pretrain_workdir, checkpoint_step)
   return pretrain_config, model, step, parallel.replicate(variables, mesh)
 
 
 def random_init(model: simclr.SimCLR, pretrain_config: ml_collections.ConfigDict, seed: int,
-                   mesh: Mesh) -> Any:
+                mesh: Mesh) -> Any:
   """Seeded random initialisation of the same architecture (BN statistics at their init 0/1)."""
   # Initialised on one device (compiles far faster than SPMD over the mesh), then replicated.
   # An 'rbg' key: same initialiser distributions, but XLA:CPU compiles the init ~5x faster

@@ -51,9 +51,7 @@ class Images:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ConfigError naming the first bad key of the extract config."""
-  if not config.pretrain_workdir:
-    raise ConfigError('config.pretrain_workdir is not set; pass --config.pretrain_workdir=DIR, '
-                      'the --workdir of the pretraining run.')
+  encoder.check_config(config)
   if config.feature not in FEATURES:
     raise ConfigError(f'config.feature={config.feature!r} is not one of {FEATURES}.')
   if config.eval_batch_size < 1:

@@ -62,9 +62,7 @@ def _positive(values: dict[str, Any]) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ConfigError naming the first bad key of the evaluation config."""
-  if not config.pretrain_workdir:
-    raise ConfigError('config.pretrain_workdir is not set; pass '
-                      '--config.pretrain_workdir=DIR, the --workdir of the pretraining run.')
+  encoder_lib.check_config(config)
   evaluator_names(config)
   choices = {'feature': (config.feature, FEATURES), 'probe.mode': (config.probe.mode, PROBE_MODES),
              'probe.lr_scaling': (config.probe.lr_scaling, LR_SCALINGS),

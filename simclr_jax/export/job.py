@@ -16,12 +16,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from etils import epath
 
-from simclr_jax import checkpoint
 from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import views
 from simclr_jax.errors import ConfigError
@@ -40,9 +38,7 @@ SAVEDMODEL_DIR = 'savedmodel'
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ConfigError naming the first bad key of the export config."""
-  if not config.pretrain_workdir:
-    raise ConfigError('config.pretrain_workdir is not set; pass --config.pretrain_workdir=DIR, '
-                      'the --workdir of the pretraining run.')
+  encoder.check_config(config)
   if config.format not in FORMATS:
     raise ConfigError(f'config.format={config.format!r} is not one of {sorted(FORMATS)}.')
 
@@ -50,14 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def restore(pretrain_workdir: str, checkpoint_step: int
             ) -> tuple[ml_collections.ConfigDict, simclr.SimCLR, int, dict[str, Any]]:
   """(pretraining config, inference model without the probe head, step, host variables)."""
-  pretrain_config = workdir_lib.read_config(pretrain_workdir)
-  full = encoder.build_model(pretrain_config)
-  step, variables = checkpoint.restore_variables(
-      pretrain_workdir, None if checkpoint_step < 0 else checkpoint_step)
-  size = pretrain_config.data.image_size
-  expected = jax.eval_shape(lambda: full.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                              train=False))
-  encoder.check_variables_match(variables, expected, pretrain_workdir)
+  pretrain_config, full, step, variables = encoder.read(pretrain_workdir, checkpoint_step)
   # The online probe is a training-time monitor, not part of the network a user takes away.
   model = full.clone(num_classes=0)
   params = {k: v for k, v in variables['params'].items() if k != 'probe'}
