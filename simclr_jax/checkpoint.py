@@ -6,6 +6,12 @@ each step into a temporary directory and renames it only once every process has 
 an interrupted save never replaces or damages an earlier checkpoint; steps still in a temporary
 directory are invisible to `latest_step` and `restore_latest`.
 
+A save that fails (disk full, no permission, a storage error) leaves only a temporary directory
+behind (reclaimed by the next run's manager) and never deletes older steps: orbax removes the
+steps beyond `keep` only once the new one is committed. Orbax reports an async failure late (at
+the next save or wait); `failed_save` finds it as soon as the save has ended, without waiting
+for one that runs, so the training loop can stop within a step or two.
+
 A finished step can still be damaged afterwards (a file deleted or cut short on the storage).
 `restore_latest` then resumes from the newest step that restores and moves the damaged ones to
 WORKDIR/checkpoints/<step>.damaged (a name orbax ignores; nothing is deleted), with a warning
@@ -13,6 +19,7 @@ naming them; when no step restores it stops with a ConfigError naming them and t
 rest of the workdir (config.json, the lock, the start-up checks) is `simclr_jax.workdir`.
 """
 import os
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -29,6 +36,12 @@ from simclr_jax.workdir import CHECKPOINT_DIR
 # Orbax's single-item layout: WORKDIR/checkpoints/<step>/default/.
 _ITEM = 'default'
 DAMAGED_SUFFIX = '.damaged'  # WORKDIR/checkpoints/<step>.damaged: not a step name to orbax
+# The step of each manager's async save not yet known to have succeeded (see failed_save).
+_unchecked: 'weakref.WeakKeyDictionary[ocp.CheckpointManager, int]' = weakref.WeakKeyDictionary()
+
+
+class SaveError(ConfigError):
+  """A checkpoint could not be saved: the message names the directory, the step and why."""
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -39,11 +52,11 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 def manager(workdir: str, *, save_every_steps: int, keep: int) -> ocp.CheckpointManager:
   """An async CheckpointManager in WORKDIR/checkpoints keeping the last `keep` steps."""
-  policies = ocp.checkpoint_managers
-  # Steps that are multiples of the interval (plus orbax's preemption signal), but not orbax's
-  # default InitialSavePolicy: a resumed run would otherwise save its first, arbitrary step.
-  save_policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every_steps),
-                                        policies.PreemptionCheckpointingPolicy()])
+  # Steps that are multiples of the interval, but not orbax's default InitialSavePolicy: a
+  # resumed run would otherwise save its first, arbitrary step. Nor its preemption policy: JAX's
+  # preemption notice comes from a SIGTERM handler that the job's own replaces (see
+  # simclr_jax.stopping), which forces the save at the step every process agreed on.
+  save_policy = ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps)
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=save_policy, max_to_keep=keep, create=True,
       enable_async_checkpointing=True,
@@ -69,8 +82,12 @@ def save(mgr: ocp.CheckpointManager, state: Any, *, force: bool = False) -> bool
   step is already saved (e.g. the final save right after a periodic one), or when the
   parameters are not finite, so a diverged run never replaces good checkpoints with NaNs.
   Orbax copies the arrays to host before returning, so the state may be donated right after.
+  A failure of this save, or of the previous async one, is a SaveError.
   """
   step = int(state.step)
+  error = failed_save(mgr, wait=True)  # orbax's next save waits for the previous one anyway
+  if error:
+    raise error
   if step in mgr.all_steps():
     return False
   if not (force or mgr.should_save(step)):
@@ -78,7 +95,41 @@ def save(mgr: ocp.CheckpointManager, state: Any, *, force: bool = False) -> bool
   if not is_finite(state):
     logging.error('Not saving step %d: the parameters are not finite (NaN/inf).', step)
     return False
-  return mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+  try:
+    started = mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+  except Exception as e:  # pylint: disable=broad-except  # disk full, permissions, storage
+    raise save_error(mgr, step, e) from e
+  if started:
+    _unchecked[mgr] = step
+  return started
+
+
+def save_error(mgr: ocp.CheckpointManager, step: int, error: BaseException) -> SaveError:
+  """The SaveError for the save of `step` that failed with `error`."""
+  good = ocp.step.checkpoint_steps(mgr.directory)  # finished steps only; tmp dirs ignored
+  kept = (f'the checkpoints already there are intact (latest: step {max(good)})' if good
+          else 'no earlier checkpoint exists there')
+  return SaveError(
+      f'saving the checkpoint of step {step} in {mgr.directory} failed ({_why(error)}); '
+      f'{kept}. Fix the storage (e.g. free disk space, check permissions), then rerun the '
+      'same command to resume.')
+
+
+def failed_save(mgr: ocp.CheckpointManager, *, wait: bool = False) -> SaveError | None:
+  """The SaveError of the last async save once it has ended, else None; reports each once.
+
+  Never blocks on a running save unless `wait`: orbax's `is_saving_in_progress` is a flag, and
+  only a save that has ended is joined, so the training loop may call it every step.
+  """
+  step = _unchecked.get(mgr)
+  if step is None or (not wait and mgr.is_saving_in_progress()):
+    return None
+  del _unchecked[mgr]
+  try:
+    mgr.wait_until_finished()  # returns at once (or waits with `wait`); raises its failure
+  except Exception as e:  # pylint: disable=broad-except  # disk full, permissions, storage
+    return save_error(mgr, step, e)
+  return None
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
@@ -239,13 +290,18 @@ def latest_step(workdir: str) -> int | None:
 
 
 def wait(mgr: ocp.CheckpointManager) -> None:
-  """Blocks until the pending async save is committed (before exit or before reading it)."""
-  mgr.wait_until_finished()
+  """Blocks until the pending async save is committed; its failure is a SaveError."""
+  error = failed_save(mgr, wait=True)
+  if error:
+    raise error
 
 
 def close(mgr: ocp.CheckpointManager) -> None:
-  """Waits for pending saves and releases the manager's resources."""
+  """Waits for pending saves and releases the manager's resources; a failure is a SaveError."""
+  error = failed_save(mgr, wait=True)
   mgr.close()
+  if error:
+    raise error
 
 
 def restore_variables(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:

@@ -2,19 +2,19 @@
 
 Host syncs happen only on log steps (fetching metrics) and checkpoint steps; every other step is
 dispatched asynchronously while the input prepares the next batch. One ExitStack owns the stop
-handler, the checkpoint manager and the metric writer, so every exit path (done, preempted,
-non-finite loss, an error) waits for pending saves and closes the outputs.
+requests (signals, failed saves: `stopping`), the checkpoint manager and the metric writer, so
+every exit path (done, preempted, a failed save, non-finite loss, an error) waits for pending
+saves and closes the outputs. Every process stops after the same step.
 """
 import contextlib
 import math
-import signal
 import time
 
 import jax
 import ml_collections
 from absl import logging
 
-from simclr_jax import checkpoint, metrics, optim, parallel, train_step
+from simclr_jax import checkpoint, metrics, optim, parallel, stopping, train_step
 from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import train_input
 from simclr_jax.errors import ConfigError
@@ -35,36 +35,6 @@ class Preempted(SystemExit):
   def __init__(self, message: str):
     super().__init__(EXIT_PREEMPTED)
     self.message = message
-
-
-class _StopRequest:
-  """Turns the first SIGTERM/SIGINT into a flag checked between steps, so a save can finish.
-
-  A second signal ends the process at once with the default action (a user who presses Ctrl-C
-  twice, or a scheduler that insists, is not kept waiting for a save).
-  """
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self) -> '_StopRequest':
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None:
-      signal.signal(signum, signal.SIG_DFL)
-      signal.raise_signal(signum)
-    self.signal = signal.Signals(signum).name
-    logging.warning('%s received: stopping at the next step boundary (send it again to stop '
-                    'at once, without saving).', self.signal)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -93,19 +63,34 @@ def _check_num_classes(config: ml_collections.ConfigDict, source_classes: int) -
         '(or 0 to train without the online probe).')
 
 
-def _stop_before_training(stop: _StopRequest, workdir: str) -> None:
+def _stop_before_training(request: stopping.Request | None, workdir: str) -> None:
   """Leaves start-up cleanly when a stop arrived before the first step (nothing was saved)."""
-  if stop.signal:
-    raise Preempted(f'{stop.signal} during start-up, before the first step: nothing was trained '
-                    f'or saved in {workdir} this time. Rerun the same command to start (or '
-                    'resume).')
+  if request:
+    raise Preempted(f'{request.source()} during start-up, before the first step: nothing was '
+                    f'trained or saved in {workdir} this time. Rerun the same command to start '
+                    '(or resume).')
+
+
+def _stop(request: stopping.Request, step: int, ckpt, state: train_step.TrainState,
+          workdir: str) -> None:
+  """Ends the run after `step` as every process does: saves and raises Preempted, or raises."""
+  if request.kind == 'save':
+    who = f'process {request.process}: ' if jax.process_count() > 1 else ''
+    raise checkpoint.SaveError(f'training stopped after step {step}: {who}{request.why}')
+  if request.kind == 'unagreed':
+    raise Preempted(f'{request.why}; stopped after step {step} without saving. The '
+                    f'checkpoints in {workdir}/checkpoints are intact: rerun the same command '
+                    'to resume from the latest.')
+  checkpoint.save(ckpt, state, force=True)
+  raise Preempted(f'{request.source()} at step {step}: checkpoint saved in {workdir}/checkpoints.'
+                  ' Rerun the same command to resume.')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
   check_config(config)
   with contextlib.ExitStack() as stack:
-    stop = stack.enter_context(_StopRequest())
+    stop = stack.enter_context(stopping.StopRequests())
 
     # --- mesh and checks that need no compilation ---------------------------------------------
     mesh = parallel.make_mesh()
@@ -141,7 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start_step = int(state.step)
     if start_step:
       logging.info('Resuming from the checkpoint at step %d of %d.', start_step, num_steps)
-    _stop_before_training(stop, workdir)
+    _stop_before_training(stop.at(start_step), workdir)
     workdir_lib.start_segment(workdir, config, start_step)  # config.json + config_history.jsonl
 
     # --- step and input stream --------------------------------------------------------------
@@ -182,10 +167,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       # Only on interval steps: save() reads state.step, a host sync that would stall dispatch.
       if step % config.train.checkpoint_every_steps == 0:
         checkpoint.save(ckpt, state)
-      if stop.signal:
-        checkpoint.save(ckpt, state, force=True)
-        raise Preempted(f'{stop.signal} at step {step}: checkpoint saved in {workdir}/checkpoints.'
-                        ' Rerun the same command to resume.')
+      # Both checks read flags only (no host sync): a failed save stops the run a step or two
+      # after it ended, and a signal after the step every process agrees on.
+      error = checkpoint.failed_save(ckpt)
+      if error:
+        stop.request('save', str(error))
+      request = stop.at(step)
+      if request:
+        _stop(request, step, ckpt, state, workdir)
     checkpoint.save(ckpt, state, force=True)
 
   if jax.process_index() == 0:

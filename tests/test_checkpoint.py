@@ -173,7 +173,8 @@ def test_existing_checkpoint_survives_an_aborted_save(tmp_path, state, mesh, mon
   def fail(*args, **kwargs):
     raise OSError('simulated failure while writing')
   monkeypatch.setattr(ocp.type_handlers.ArrayHandler, 'serialize', fail)
-  with pytest.raises(OSError, match='simulated failure'):
+  with pytest.raises(checkpoint.SaveError, match=r'saving the checkpoint of step 8 in .* failed '
+                     r'\(OSError: simulated failure.*latest: step 7'):
     checkpoint.save(mgr, _with_step(state, mesh, 8))
     checkpoint.wait(mgr)
   monkeypatch.undo()

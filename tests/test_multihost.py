@@ -5,13 +5,17 @@ and shuffles it on its own, so a 2-process global batch is [process 0's local ba
 1's local batch]: the same *distribution* as a 1-process run, not the same rows. The exact
 comparison is therefore against an in-process 8-device run fed those same global batches
 (train_iterator for both process indices, concatenated), which is what the two processes must
-compute. Checkpoints move between the two layouts in both directions.
+compute. Checkpoints move between the two layouts in both directions. A SIGTERM sent to one
+process stops both after the same step, which both save.
 """
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -51,30 +55,52 @@ def _cmd(workdir, extra):
   return [sys.executable, '-m', 'simclr_jax.main', f'--workdir={workdir}', *TINY, *extra]
 
 
-def _run_two(workdir, extra=()):
-  """Both processes of a 2-process job; returns their outputs (asserting both exit 0).
+def _start_two(workdir, extra=()):
+  """Starts both processes of a 2-process job (stdout and stderr together, as text).
 
   No persistent compilation cache: JAX writes entries from process 0 only, so process 1 would
   recompile what process 0 loads, fall behind, and a gloo collective's rendezvous (30 s, fixed
   in jaxlib) would time out.
   """
   port = _free_port()
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       _cmd(workdir, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
                      f'--process_id={i}', *extra]),
       cwd=ROOT, env=_env(None, 4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
+
+
+def _outputs(procs, timeout):
+  """Each process's output once it has exited; kills what is still running after `timeout` s."""
+  deadline = time.monotonic() + timeout
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=900)[0])
+      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+  return outs
+
+
+def _run_two(workdir, extra=()):
+  """Both processes of a 2-process job; returns their outputs (asserting both exit 0)."""
+  procs = _start_two(workdir, extra)
+  outs = _outputs(procs, 900)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   return outs
+
+
+def _wait_for_checkpoint(workdir, procs, timeout=600):
+  """Returns once the first checkpoint is on disk: both processes are in the training loop."""
+  deadline = time.monotonic() + timeout
+  while checkpoint.latest_step(str(workdir)) is None:
+    for p in procs:
+      assert p.poll() is None, p.communicate()[0][-3000:]
+    assert time.monotonic() < deadline, 'no checkpoint appeared'
+    time.sleep(0.05)
 
 
 def _run_one(workdir, cache, extra=()):
@@ -246,3 +272,29 @@ def test_eval_counts_every_example_once_across_processes():
              for i in (0, 1)]
   assert len(batches[0]) == len(batches[1])  # lockstep: same number of eval steps
   assert sum(int(b['mask'].sum()) for bs in batches for b in bs) == sources.DEMO_TEST_SIZE
+
+
+# Long enough that a signal sent after the first checkpoint lands mid-run; the first signal
+# stops the run there, so the steps are never all run.
+STOP_RUN = ['--config.train.steps=400', '--config.train.checkpoint_every_steps=2',
+            '--config.train.log_every_steps=100', '--config.train.eval_every_steps=0']
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(tmp_path):
+  procs = _start_two(tmp_path, STOP_RUN)
+  _wait_for_checkpoint(tmp_path, procs)
+  procs[1].send_signal(signal.SIGTERM)  # a scheduler preempting one host only
+  outs = _outputs(procs, 120)  # both hung until SIGKILL when only process 1 stopped
+  stopped = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 3, out[-3000:]
+    found = re.search(r'SIGTERM \(received by process 1\) at step (\d+): checkpoint saved in '
+                      r'\S+/checkpoints\. Rerun the same command to resume\.', out)
+    assert found, out[-3000:]
+    stopped.append(int(found.group(1)))
+  assert stopped[0] == stopped[1] < 400, stopped
+  assert checkpoint.latest_step(str(tmp_path)) == stopped[0]
+  step, variables = checkpoint.restore_variables(str(tmp_path))
+  assert step == stopped[0]
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables))
+
