@@ -68,15 +68,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.depth = 18  # 18 | 34 | 50 | 101 | 152 | 200
   c.model.width = 1.0  # width multiplier
   c.model.cifar_stem = True  # 3x3 stride-1 stem, no max-pool
-  c.model.num_proj_layers = 2  # 2 = SimCLRv1, 3 = SimCLRv2
+  # Official flag default 3 (the README commands keep it); 2 = the SimCLRv1 paper's head.
+  c.model.num_proj_layers = 3
   c.model.proj_dim = 128
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params, BN stats, loss f32)
   # How convolutions run (same parameters and results either way, so checkpoints move freely):
-  # 'lax' (XLA's convolution), 'im2col' (patches + one matmul each), 'auto' (fastest for the
-  # backend: 'im2col' on CPU, 'lax' on GPU/TPU; README "Performance").
+  # 'lax' (XLA's convolution), 'im2col' (patches + one matmul each), 'auto' (= 'lax': the
+  # fastest measured on CPU; on GPU/TPU XLA's convolutions use cuDNN / the TPU's units).
   c.model.conv_impl = 'auto'
   # Recompute each residual block's activations in the backward pass (jax.checkpoint): less
-  # device memory for about one more forward pass of compute.
+  # device memory on GPU/TPU for about one more forward pass of compute (XLA:CPU merges the
+  # recomputation back into the forward pass, so there it saves nothing).
   c.model.remat = False
 
   # --- loss -----------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ STALE_AFTER_SECONDS = 600.0  # a lock whose heartbeat is older than this is take
 # Keys that define the model or the batch: a restart that changes them cannot resume.
 _INCOMPATIBLE_PREFIXES = ('model.',)
 _INCOMPATIBLE_KEYS = ('train.batch_size', 'data.image_size', 'data.num_classes', 'data.classes')
+# Model keys that change how the same network computes, never its parameters: free on resume.
+_RESUMABLE_MODEL_KEYS = ('model.conv_impl', 'model.remat')
 
 
 def _path(workdir: str) -> epath.Path:
@@ -319,7 +321,8 @@ def check_compatible(saved: ml_collections.ConfigDict | dict,
   """
   old_flat, new_flat = _flatten(_as_json(saved)), _flatten(_as_json(new))
   keys = sorted(k for k in old_flat
-                if k.startswith(_INCOMPATIBLE_PREFIXES) or k in _INCOMPATIBLE_KEYS)
+                if (k.startswith(_INCOMPATIBLE_PREFIXES) or k in _INCOMPATIBLE_KEYS)
+                and k not in _RESUMABLE_MODEL_KEYS)
   missing = object()
   diffs = [(k, old_flat[k], new_flat.get(k, missing)) for k in keys
            if old_flat[k] != new_flat.get(k, missing)]

@@ -1,8 +1,15 @@
-"""Runs every test on 8 emulated CPU devices: this must execute before JAX initialises."""
+"""Runs every test on 8 emulated CPU devices: this must execute before JAX initialises.
+
+XLA reads XLA_FLAGS when its CPU backend starts (at the first device query), not at import, so
+importing simclr_jax.parallel here for its flags is early enough.
+"""
 import os
 
+from simclr_jax.parallel import CPU_XLA_FLAGS
+
+# 8 devices, and the XLA:CPU flags a CPU-only run of the jobs gets (parallel.set_cpu_devices).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           f' --xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

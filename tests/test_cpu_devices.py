@@ -19,21 +19,28 @@ def test_cpu_device_count(cores, batch, requested, expected):
 
 
 _PROBE = '''
+import os
 import jax
 from simclr_jax import parallel
 parallel.set_cpu_devices(batch_size=128, requested=3)
 print('devices', jax.device_count())
+print('XLA_FLAGS', os.environ['XLA_FLAGS'])
 '''
+_USER_YNN = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
 
 
-@pytest.mark.parametrize('xla_flags,expected', [
-    ('', 3), ('--xla_force_host_platform_device_count=5', 5)])
-def test_set_cpu_devices_before_jax_starts(xla_flags, expected):
+@pytest.mark.parametrize('xla_flags,expected,flags_after', [
+    ('', 3, parallel.CPU_XLA_FLAGS),
+    ('--xla_force_host_platform_device_count=5', 5,
+     f'--xla_force_host_platform_device_count=5 {parallel.CPU_XLA_FLAGS}'),
+    (_USER_YNN, 3, _USER_YNN)])  # the user's own choice of YNNPACK fusions wins
+def test_set_cpu_devices_before_jax_starts(xla_flags, expected, flags_after):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
   proc = subprocess.run([sys.executable, '-c', _PROBE], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f'devices {expected}' in proc.stdout
+  assert f'XLA_FLAGS {flags_after}\n' in proc.stdout
 
 
 @pytest.mark.parametrize('recipe,error', [

@@ -37,7 +37,9 @@ def _rel_err(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
 
 
-def _assert_trees_close(a, b, tol=1e-5):
+def _assert_trees_close(a, b, tol=1e-4):
+  # 1e-4: some BN-scale gradients differ from a float64 reference by 1-2e-5 already on one
+  # device (float32 rounding of sums over the batch), so 8 devices' other order can reach 4e-5.
   la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
   assert len(la) == len(lb)
   for (path, x), y in zip(la, lb):

@@ -165,6 +165,7 @@ def test_config_round_trip_and_compatibility(tmp_path):
   cfg.train.log_every_steps = 7
   cfg.train.checkpoint_every_steps = 3
   cfg.optim.base_lr = 0.3
+  cfg.model.conv_impl, cfg.model.remat = 'im2col', True  # how it computes, not what: resumable
   workdir.check_compatible(saved, cfg)
 
   cfg.model.width = 0.5

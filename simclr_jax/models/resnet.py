@@ -1,9 +1,12 @@
-"""ResNet v1 encoders (18/34 basic, 50/101/152/200 bottleneck) as in the official SimCLR code.
+"""ResNet v1 encoders (18/34 basic, 50/101/152/200 bottleneck) as the official tf2/resnet.py.
 
-Stride sits on the 3x3 convolution of bottleneck blocks (as in SimCLR's and torchvision's
-ResNet-50, whose encoder has 23.5M parameters). BN momentum 0.9 and epsilon 1e-5 follow the
-official code; the last BN of every residual block starts with gamma = 0 so each block starts as
-an identity, which the SimCLR paper's large-batch LARS training relies on.
+As the official code: stride on the 3x3 convolution of bottleneck blocks (ResNet-50 has 23.5M
+parameters); strided convolutions pad (k - 1) // 2 before and the rest after, then run VALID
+(`Conv2dFixedPadding`, models/conv.py); a projection shortcut (1x1 convolution + BN, no ReLU) on
+the first block of every stage (`BlockGroup`'s `use_projection=True`), whether or not the shape
+changes; the stem's max-pool is 3x3 stride 2 'SAME'. BN momentum 0.9 and epsilon 1e-5; the last
+BN of every residual block starts with gamma = 0 so each block starts as an identity, which the
+SimCLR paper's large-batch LARS training relies on.
 """
 import functools
 from typing import Any, Sequence
@@ -11,6 +14,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from simclr_jax.errors import ConfigError
+from simclr_jax.models import conv as conv_lib
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -30,18 +36,19 @@ class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
   filters: int
   strides: int
+  use_projection: bool
   conv: Any
   norm: Any
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.filters:
-      shortcut = self.conv(self.filters, (1, 1), self.strides, name='proj_conv')(x)
+    if self.use_projection:
+      shortcut = self.conv(self.filters, 1, self.strides, name='proj_conv')(x)
       shortcut = self.norm(name='proj_bn')(shortcut)
-    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.conv(self.filters, 3, self.strides)(x)
     y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3))(y)
+    y = self.conv(self.filters, 3)(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
     return nn.relu(y + shortcut)
 
@@ -50,6 +57,7 @@ class BottleneckBlock(nn.Module):
   """1x1 → 3x3 (strided) → 1x1 (4x filters) with a residual connection (ResNet-50+)."""
   filters: int
   strides: int
+  use_projection: bool
   conv: Any
   norm: Any
 
@@ -57,12 +65,12 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     out_filters = 4 * self.filters
     shortcut = x
-    if self.strides != 1 or x.shape[-1] != out_filters:
-      shortcut = self.conv(out_filters, (1, 1), self.strides, name='proj_conv')(x)
+    if self.use_projection:
+      shortcut = self.conv(out_filters, 1, self.strides, name='proj_conv')(x)
       shortcut = self.norm(name='proj_bn')(shortcut)
-    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
-    y = self.conv(out_filters, (1, 1))(y)
+    y = nn.relu(self.norm()(self.conv(self.filters, 1)(x)))
+    y = nn.relu(self.norm()(self.conv(self.filters, 3, self.strides)(y)))
+    y = self.conv(out_filters, 1)(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
     return nn.relu(y + shortcut)
 
@@ -76,15 +84,22 @@ class ResNet(nn.Module):
   # Fine-tuning from stage k (1..4): the stem and stages before k are frozen (BN in inference
   # mode, no gradient through them); 0 trains everything. Same parameter tree either way.
   train_from_stage: int = 0
+  conv_impl: str = 'auto'  # models/conv.py IMPLS; same parameters whichever is used
+  # Recompute each residual block's activations in the backward pass instead of keeping them
+  # (jax.checkpoint): less memory on GPU/TPU, about one more forward pass of compute.
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
     if self.depth not in STAGES:
-      raise ValueError(f'config.model.depth={self.depth} is not a ResNet depth; '
-                       f'choose one of {sorted(STAGES)}.')
+      raise ConfigError(f'config.model.depth={self.depth} is not a ResNet depth; '
+                        f'choose one of {sorted(STAGES)}.')
     kind, blocks = STAGES[self.depth]
     block_cls = BasicBlock if kind == 'basic' else BottleneckBlock
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype)
+    if self.remat:
+      block_cls = nn.remat(block_cls)
+    conv = functools.partial(conv_lib.Conv, impl=conv_lib.resolve_impl(self.conv_impl),
+                             dtype=self.dtype)
     # Two-pass variance: E[x²]-E[x]² loses ~1e-4 relative precision in float32, enough to make
     # a sharded step drift from the single-device one; the extra pass is cheap.
     def norm(trained: bool = True) -> Any:
@@ -95,9 +110,9 @@ class ResNet(nn.Module):
 
     x = x.astype(self.dtype)
     if self.cifar_stem:
-      x = conv(base, (3, 3), name='stem_conv')(x)
+      x = conv(base, 3, name='stem_conv')(x)
     else:
-      x = conv(base, (7, 7), 2, name='stem_conv')(x)
+      x = conv(base, 7, 2, name='stem_conv')(x)
     stem_trained = self.train_from_stage == 0
     x = nn.relu(norm(stem_trained)(name='stem_bn')(x))
     if not self.cifar_stem:
@@ -108,7 +123,7 @@ class ResNet(nn.Module):
       trained = stage + 1 >= self.train_from_stage
       for i in range(num_blocks):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = block_cls(base * 2**stage, strides, conv, norm(trained),
+        x = block_cls(base * 2**stage, strides, i == 0, conv, norm(trained),
                       name=f'stage{stage + 1}_block{i + 1}')(x)
       if not trained:
         x = jax.lax.stop_gradient(x)

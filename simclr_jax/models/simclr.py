@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax.models import resnet
+from simclr_jax.errors import ConfigError
+from simclr_jax.models import conv, resnet
 
-# The official code initialises the head's dense layers with N(0, 0.01^2).
+# The official LinearLayer (tf2/model.py), used by the projection head and the supervised head,
+# initialises its dense kernel with `tf.keras.initializers.RandomNormal(stddev=0.01)`.
 _HEAD_INIT = nn.initializers.normal(stddev=0.01)
 
 
@@ -20,9 +22,18 @@ class ProjectionHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+  def __call__(self, h: jnp.ndarray, train: bool = True, upto: int | None = None) -> jnp.ndarray:
+    """z, or with `upto`=k the output of layer k (0: h), building only layers < k.
+
+    `upto` is the official fine-tuning input hiddens_list[ft_proj_selector]: the same layers
+    under the same names, so a fine-tuning network restores them from the pretraining tree.
+    """
+    num = self.num_layers if upto is None else upto
+    if not 0 <= num <= self.num_layers:
+      raise ValueError(f'upto={upto} must be in [0, {self.num_layers}] (the head has '
+                       f'{self.num_layers} layers).')
     x = h
-    for i in range(self.num_layers):
+    for i in range(num):
       last = i == self.num_layers - 1
       x = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=False,
                    kernel_init=_HEAD_INIT, dtype=self.dtype, name=f'dense{i}')(x)
@@ -43,16 +54,20 @@ class SimCLR(nn.Module):
   proj_dim: int = 128
   num_classes: int = 0  # 0: no online probe
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'  # models/conv.py IMPLS
+  remat: bool = False  # jax.checkpoint each residual block
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> dict[str, jnp.ndarray]:
-    h = resnet.ResNet(self.depth, self.width, self.cifar_stem, self.dtype, name='encoder')(x, train)
+    h = resnet.ResNet(self.depth, self.width, self.cifar_stem, self.dtype,
+                      conv_impl=self.conv_impl, remat=self.remat, name='encoder')(x, train)
     z = ProjectionHead(self.num_proj_layers, h.shape[-1], self.proj_dim, self.dtype,
                        name='projection')(h, train)
     out = {'h': h, 'z': z}
     if self.num_classes:
-      # The probe sees a stopped gradient: it reads the representation, never shapes it.
-      out['probe_logits'] = nn.Dense(self.num_classes, dtype=jnp.float32,
+      # The official SupervisedHead: LinearLayer(num_classes), a dense layer with bias (zeros)
+      # and an N(0, 0.01^2) kernel, on a stopped gradient: it reads h, never shapes it.
+      out['probe_logits'] = nn.Dense(self.num_classes, kernel_init=_HEAD_INIT, dtype=jnp.float32,
                                      name='probe')(jax.lax.stop_gradient(h))
     return out
 
@@ -61,17 +76,34 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # config.model.dtyp
 
 
 def compute_dtype(model_cfg: ml_collections.ConfigDict) -> Any:
-  """The compute dtype config.model.dtype names; a ValueError naming the key otherwise."""
+  """The compute dtype config.model.dtype names; a ConfigError naming the key otherwise."""
   if model_cfg.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype='{model_cfg.dtype}' is not one of {sorted(DTYPES)}.")
+    raise ConfigError(f"config.model.dtype='{model_cfg.dtype}' is not one of {sorted(DTYPES)}.")
   return DTYPES[model_cfg.dtype]
+
+
+def _conv_impl_and_remat(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """conv_impl ('auto' resolved) and remat; defaults for configs saved before these keys existed
+  (neither changes the parameters)."""
+  return {'conv_impl': conv.resolve_impl(model_cfg.get('conv_impl', 'auto')),
+          'remat': bool(model_cfg.get('remat', False))}
+
+
+def encoder_from_config(model_cfg: ml_collections.ConfigDict, **overrides: Any) -> resnet.ResNet:
+  """The encoder `config.model` describes, with its conv_impl ('auto' resolved) and remat.
+
+  `overrides` set other ResNet fields (e.g. train_from_stage for fine-tuning).
+  """
+  fields = dict(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
+                dtype=compute_dtype(model_cfg), **_conv_impl_and_remat(model_cfg))
+  return resnet.ResNet(**{**fields, **overrides})
 
 
 def from_config(model_cfg: ml_collections.ConfigDict, num_classes: int) -> SimCLR:
   """Builds the SimCLR module from `config.model` and the data set's number of classes."""
   dtype = compute_dtype(model_cfg)
   if model_cfg.num_proj_layers < 1:
-    raise ValueError(f'config.model.num_proj_layers={model_cfg.num_proj_layers} must be >= 1.')
+    raise ConfigError(f'config.model.num_proj_layers={model_cfg.num_proj_layers} must be >= 1.')
   return SimCLR(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
                 num_proj_layers=model_cfg.num_proj_layers, proj_dim=model_cfg.proj_dim,
-                num_classes=num_classes, dtype=dtype)
+                num_classes=num_classes, dtype=dtype, **_conv_impl_and_remat(model_cfg))
