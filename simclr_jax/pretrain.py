@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from simclr_jax import checkpoint, metrics, optim, parallel, stopping, train_step
+from simclr_jax import checkpoint, grad_cache, metrics, optim, parallel, stopping, train_step
 from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import train_input
 from simclr_jax.errors import ConfigError
@@ -95,6 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # --- mesh and checks that need no compilation ---------------------------------------------
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
+    grad_cache.check_chunks(config.train.chunks, config.train.batch_size, mesh.devices.size)
     workdir_lib.ensure_writable(workdir, checkpoints=True)
     stack.enter_context(workdir_lib.lock(workdir))  # one run per workdir, released on any exit
     saved = (workdir_lib.read_config(workdir) if checkpoint.latest_step(workdir) is not None
@@ -131,7 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- step and input stream --------------------------------------------------------------
     step_fn = train_step.make_train_step(model, tx, learning_rate, config.loss.temperature, mesh,
-                                         prepare=data.prepare, data_sharding=data.data_sharding)
+                                         prepare=data.prepare, data_sharding=data.data_sharding,
+                                         chunks=config.train.chunks)
     batches = parallel.device_prefetch(data.host_batches(start_step), mesh)
     every = config.train.eval_every_steps
     monitor = eval_monitor.Monitor(config, mesh, model, data) if every else None

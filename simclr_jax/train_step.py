@@ -1,7 +1,10 @@
 """Train state and the pure SimCLR train step, jitted with explicit shardings and donation.
 
 The step is written on global arrays: flax BatchNorm's mean over the batch axis of a sharded
-array is a global reduction, so BN statistics cover the whole global batch on any mesh.
+array is a global reduction, so BN statistics cover the whole global batch on any mesh. With
+`chunks` > 1 the step uses gradient caching (grad_cache.py): NT-Xent and its gradient stay exact
+over the global batch, while the encoder holds one chunk's activations at a time and its BN
+statistics are those of the chunk (the chunk's rows on every device).
 """
 from functools import partial
 from typing import Any, Callable
@@ -13,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from simclr_jax import losses, parallel
+from simclr_jax import grad_cache, losses, parallel
 from simclr_jax.optim import PROBE
 
 Batch = dict[str, jax.Array]
@@ -79,12 +82,57 @@ def compute_grads(params: Any, batch_stats: Any, batch: Batch, *, model: nn.Modu
   return grads, metrics, new_batch_stats
 
 
+def compute_grads_chunked(params: Any, batch_stats: Any, batch: Batch, *, model: nn.Module,
+                          temperature: float, mesh: Mesh | None,
+                          chunks: int) -> tuple[Any, Metrics, Any]:
+  """`compute_grads` by gradient caching over `chunks` chunks of every device's rows.
+
+  Exact gradients of the same objective, except that batch norm normalises each chunk with the
+  chunk's own statistics (ghost batch norm over the chunk's global rows). The running
+  statistics get one update per step: the mean over chunks of each chunk's update, i.e. the
+  usual momentum update with the mean of the chunks' means and of their variances.
+  """
+  # The probe's loss is a mean over the valid labels of the whole batch (both views): each
+  # chunk adds its mean weighted by its share of them, which sums to the whole-batch mean.
+  num_valid = 2 * jnp.sum(batch['label'] >= 0)
+
+  def embed(p, c):
+    x = views_to_batch(c['view1'], c['view2'])
+    out, updates = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
+                               mutable=['batch_stats'])
+    z = out['z'].reshape(-1, 2, out['z'].shape[-1])
+    local_loss, local_metrics = jnp.zeros((), jnp.float32), {}
+    if 'probe_logits' in out:
+      labels = jnp.repeat(c['label'], 2)
+      share = jnp.sum(labels >= 0) / jnp.maximum(num_valid, 1)
+      p_loss, p_acc = losses.probe_loss(out['probe_logits'], labels)
+      local_loss = p_loss * share
+      local_metrics = {'probe_loss': local_loss, 'probe_acc': p_acc * share}
+    return z, local_loss, local_metrics, updates['batch_stats']
+
+  def loss_fn(z):
+    return losses.nt_xent(z[:, 0], z[:, 1], temperature, mesh)
+
+  inputs = {k: batch[k] for k in ('view1', 'view2', 'label')}
+  grads, loss, metrics, chunk_stats = grad_cache.cached_grads(
+      embed, loss_fn, params, inputs, chunks=chunks, mesh=mesh)
+  metrics['loss'] = loss
+  # Each chunk's update is momentum * old + (1 - momentum) * chunk statistic, affine in the
+  # statistic, so their mean is one update with the mean of the chunks' statistics.
+  return grads, metrics, jax.tree.map(lambda s: jnp.mean(s, axis=0), chunk_stats)
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, learning_rate: Callable[[Any], Any],
-               temperature: float, mesh: Mesh | None) -> tuple[TrainState, Metrics]:
-  """One SimCLR step: NT-Xent on both views + the online probe; returns (new state, metrics)."""
-  grads, metrics, batch_stats = compute_grads(state.params, state.batch_stats, batch,
-                                              model=model, temperature=temperature, mesh=mesh)
+               temperature: float, mesh: Mesh | None,
+               chunks: int = 1) -> tuple[TrainState, Metrics]:
+  """One SimCLR step: NT-Xent on both views + the online probe; returns (new state, metrics).
+
+  `chunks` > 1: gradient caching over that many chunks per device (`compute_grads_chunked`).
+  """
+  grads_fn = compute_grads if chunks == 1 else partial(compute_grads_chunked, chunks=chunks)
+  grads, metrics, batch_stats = grads_fn(state.params, state.batch_stats, batch, model=model,
+                                         temperature=temperature, mesh=mesh)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics['grad_norm'] = optax.global_norm({k: v for k, v in grads.items() if k != PROBE})
@@ -96,7 +144,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     learning_rate: Callable[[Any], Any], temperature: float, mesh: Mesh, *,
-                    prepare: Prepare | None = None,
+                    chunks: int = 1, prepare: Prepare | None = None,
                     data_sharding: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
   """`step(state, batch, data)`: `train_step` jitted for `mesh`, state replicated and donated.
 
@@ -104,10 +152,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   returns {'view1', 'view2', 'label'} (views made on the devices, see data/train_input.py; None
   when the host made them). `data` (the device-resident data set, or None) is an
   argument with sharding `data_sharding` (default replicated), never a constant baked into the
-  program.
+  program. `chunks` (config.train.chunks): see `train_step`.
   """
   step = partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
-                 temperature=temperature, mesh=mesh)
+                 temperature=temperature, mesh=mesh, chunks=chunks)
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
   def prepared_step(state: TrainState, batch: Batch, data: Any) -> tuple[TrainState, Metrics]:

@@ -143,6 +143,20 @@ def test_step_real(tmp_path):
   assert figures['step_s_median'] > 0 and figures['gflops_per_step'] > 0
 
 
+@pytest.mark.skipif(not SLOW, reason='compiles a ResNet-18 step twice (minutes on a loaded 2-core '
+                    'CPU); set SIMCLR_BENCH_SLOW=1')
+def test_step_chunks_real(tmp_path):
+  runs = {}
+  for chunks in (1, 2):
+    out = str(tmp_path / str(chunks))
+    runs[chunks] = _bench('step', TINY + ['--batch=32', '--steps=1', '--warmup=1',
+                                          f'--config.train.chunks={chunks}'], out)['figures']
+  assert runs[2]['chunks'] == 2 and runs[2]['compiled_temp_bytes'] > 0
+  assert runs[2]['compiled_temp_bytes'] < runs[1]['compiled_temp_bytes']
+  # Model FLOPs of the step, whatever the chunking (XLA counts a loop body once).
+  assert runs[2]['gflops_per_step'] == pytest.approx(runs[1]['gflops_per_step'])
+
+
 @pytest.mark.skipif(not SLOW, reason='a real pretraining run plus the step benchmark (minutes on '
                     'a loaded 2-core CPU); set SIMCLR_BENCH_SLOW=1')
 def test_end_to_end_real(tmp_path):

@@ -91,3 +91,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
   print('  '.join(c.ljust(w) for c, w in zip(cols, widths)))
   for r in cells:
     print('  '.join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+  """Per-device bytes from XLA's memory analysis: argument, output, alias (donated outputs),
+  temp (scratch, activations), generated_code and their peak estimate 'total'."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  out = {k: int(getattr(mem, f'{k}_size_in_bytes')) for k in
+         ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  # Live arguments + outputs not written in place (donation) + scratch + code.
+  out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp'] + out[
+      'generated_code']
+  return out

@@ -105,11 +105,13 @@ def compile_step(config: Any, devices: list[Any], num_examples: int = 1_281_167
   """Lowers and compiles the recipe's train step for `devices`; returns the figures."""
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from simclr_jax import optim, parallel, train_step
+  from simclr_jax import grad_cache, optim, parallel, train_step
+  from simclr_jax.bench import common  # pylint: disable=g-import-not-at-top
   from simclr_jax.models import simclr  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
   batch_size, size = config.train.batch_size, config.data.image_size
   parallel.check_batch_size(batch_size, mesh)
+  grad_cache.check_chunks(config.train.chunks, batch_size, mesh.devices.size)
   model = simclr.from_config(config.model, config.data.num_classes)
   num_steps = optim.train_steps(num_examples, config.train)
   tx, lr = optim.make_optimizer(config.optim, batch_size, num_examples, num_steps)
@@ -121,23 +123,18 @@ def compile_step(config: Any, devices: list[Any], num_examples: int = 1_281_167
            for k, shape, dtype in [('view1', (batch_size, size, size, 3), 'float32'),
                                    ('view2', (batch_size, size, size, 3), 'float32'),
                                    ('label', (batch_size,), 'int32')]}
-  step = train_step.make_train_step(model, tx, lr, config.loss.temperature, mesh)
+  step = train_step.make_train_step(model, tx, lr, config.loss.temperature, mesh,
+                                    chunks=config.train.chunks)
   started = time.monotonic()
   lowered = step.lower(state, batch, None)
   compiled = lowered.compile()
   seconds = time.monotonic() - started
-  mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n = len(devices)
-  memory = None
-  if mem is not None:
-    memory = {k: int(getattr(mem, f'{k}_size_in_bytes')) for k in
-              ('argument', 'output', 'alias', 'temp', 'generated_code')}
-    # Peak estimate: live arguments + outputs not written in place (donation) + scratch + code.
-    memory['total'] = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp'] +
-                       memory['generated_code'])
-  flops = float(cost.get('flops', 0.0)) if cost else 0.0  # the per-device (SPMD) program's
+  memory = common.compiled_memory(compiled)
+  # The per-device (SPMD) program's; with chunks > 1 XLA counts a loop body once.
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
   params = sum(x.size for x in jax.tree.leaves(state.params))
   return {
       'devices': n, 'device_kind': devices[0].device_kind, 'platform': devices[0].platform,

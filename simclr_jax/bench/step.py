@@ -3,7 +3,11 @@
 Median step time over repeated runs after warm-up (block_until_ready on each), images/s overall
 and per device, FLOPs per step from XLA's cost analysis, achieved FLOP/s and utilisation
 against the device's peak (on CPU: a dense float32 matmul measured in the same run), compile
-time and, where the backend reports it, peak device memory.
+time, the compiled program's memory per device (XLA's memory analysis) and, where the backend
+reports it (GPU), the runtime peak of device memory. `--config.train.chunks=k` benchmarks the
+gradient-caching step (k chunks per device):
+
+  python -m simclr_jax.bench step --config.model.width=0.25 --batch=256 --config.train.chunks=4
 """
 import statistics
 import time
@@ -14,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import optim, parallel
+from simclr_jax import grad_cache, optim, parallel
 from simclr_jax import train_step as ts
 from simclr_jax.bench import common
 from simclr_jax.models import simclr
@@ -67,6 +71,8 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   """Compiles and times the step; returns the figures as a flat dict."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(batch, mesh)
+  chunks = config.train.chunks
+  grad_cache.check_chunks(chunks, batch, mesh.devices.size)
   size = config.data.image_size
   model = simclr.from_config(config.model, config.data.num_classes)
   tx, lr = optim.make_optimizer(config.optim, batch, 50_000, 10_000)
@@ -76,21 +82,25 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
            'view2': rng.random((batch, size, size, 3), np.float32),
            'label': rng.integers(0, max(config.data.num_classes, 1), batch).astype(np.int32)}
   views = parallel.host_batch_to_global(views, mesh)
-  step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh)
+  step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh, chunks=chunks)
 
   t = time.perf_counter()
   lowered = step.lower(state, views, None)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  flops = common.program_flops(lowered)
+  # XLA's cost analysis counts a loop body once, so the chunked step's count would miss all but
+  # one chunk: count the unchunked step instead (model FLOPs; chunking adds one forward pass).
+  flops = common.program_flops(lowered if chunks == 1 else ts.make_train_step(
+      model, tx, lr, config.loss.temperature, mesh).lower(state, views, None))
+  compiled_mem = common.compiled_memory(compiled) or {}
   for _ in range(warmup):
-    state, metrics = compiled(state, views)
+    state, metrics = compiled(state, views, None)
   jax.block_until_ready(metrics)
   times = []
   cpu_start = time.process_time()
   for _ in range(steps):
     t = time.perf_counter()
-    state, metrics = compiled(state, views)
+    state, metrics = compiled(state, views, None)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   # CPU seconds of this process per step: on a shared CPU host, wall time grows with other
@@ -106,7 +116,8 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
     pass
   return {
       'depth': config.model.depth, 'width': config.model.width, 'image_size': size,
-      'dtype': config.model.dtype, 'global_batch': batch, 'devices': jax.device_count(),
+      'dtype': config.model.dtype, 'remat': bool(config.model.get('remat', False)),
+      'global_batch': batch, 'chunks': chunks, 'devices': jax.device_count(),
       'compile_s': compile_s, 'step_s_median': median, 'step_s_min': min(times),
       'cpu_s_per_step': cpu_s_per_step,
       'images_per_s': batch / median, 'images_per_s_per_device': batch / median /
@@ -114,6 +125,7 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
       'achieved_gflops_per_s': flops / median / 1e9,
       'peak_gflops_per_s': peak / 1e9 if peak else None, 'peak_source': peak_source,
       'utilisation': flops / median / peak if peak else None,
+      **{f'compiled_{k}_bytes': v for k, v in compiled_mem.items()},
       'peak_memory_bytes': memory, 'final_loss': float(metrics['loss']),
   }
 
