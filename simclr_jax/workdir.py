@@ -1,6 +1,6 @@
 """The run's directory, apart from the orbax checkpoints: checks, lock, config and its history.
 
-- `ensure_writable`: the start-up check of WORKDIR and WORKDIR/checkpoints, before compiling.
+- `ensure_writable`: the start-up check of WORKDIR (and of an existing checkpoints/).
 - `lock`: one run per workdir. WORKDIR/run.lock names the holder (host, pid, start time,
   command) and carries a heartbeat its holder refreshes; a second run refuses at once, naming
   it. A lock whose process is gone (same host) or whose heartbeat stopped (any host, shared
@@ -56,11 +56,15 @@ def _path(workdir: str) -> epath.Path:
 
 
 def ensure_writable(workdir: str, *, checkpoints: bool = False) -> None:
-  """Creates WORKDIR (and WORKDIR/checkpoints with `checkpoints`) and checks they are writable.
+  """Creates WORKDIR and checks that it (and WORKDIR/checkpoints with `checkpoints`) is writable.
 
   Raises a ConfigError naming --workdir and the directory that fails, before anything compiles.
+  A missing checkpoints/ is left to the checkpoint manager (a writable WORKDIR can hold it), so
+  a run that fails before its first save leaves no checkpoint directory behind.
   """
-  paths = [_path(workdir)] + ([_path(workdir) / CHECKPOINT_DIR] if checkpoints else [])
+  paths = [_path(workdir)]
+  if checkpoints and (_path(workdir) / CHECKPOINT_DIR).exists():
+    paths.append(_path(workdir) / CHECKPOINT_DIR)
   for path in paths:
     probe = path / f'.write_test.{jax.process_index()}.{os.getpid()}'
     try:

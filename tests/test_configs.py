@@ -14,7 +14,8 @@ from simclr_jax.models import simclr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_RECIPES = sorted(
     p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-    if os.path.basename(p) not in ('__init__.py', 'base.py', 'linear_eval.py'))
+    if os.path.basename(p) not in ('__init__.py', 'base.py', 'linear_eval.py', 'export.py',
+                                   'extract.py'))
 
 # Official flag defaults (google-research/simclr tf2/run.py) that the README commands keep.
 OFFICIAL_DEFAULTS = {

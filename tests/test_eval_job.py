@@ -260,7 +260,7 @@ def test_checkpoint_not_matching_config_names_the_parameter(pretrain, tmp_path):
   (copy / workdir_lib.CONFIG_FILE).unlink()
   workdir_lib.write_config(str(copy), cfg)
   # Paths are compared in sorted order: the first differing one is the head's last BN mean.
-  with pytest.raises(ValueError, match=r'batch_stats/projection/bn1/mean is \(128,\) in the '
+  with pytest.raises(ValueError, match=r'batch_stats/projection/bn2/mean is \(128,\) in the '
                                        r'checkpoint but \(64,\) in the model'):
     evaluate.run(_eval_config(str(copy)), str(tmp_path / 'eval'))
 

@@ -95,13 +95,14 @@ def test_projection_head_upto_returns_layer_k_with_the_same_names():
 
 
 def test_proj_selector_range_names_the_key():
-  model = _pretrain_config().model  # 2 projection layers
+  model = _pretrain_config().model
+  assert model.num_proj_layers == 3
   ft = linear_eval.get_config().finetune
-  for value, want in ((0, 0), (2, 2), (-1, 2)):
+  for value, want in ((0, 0), (3, 3), (-1, 3)):
     ft.proj_selector = value
     assert finetune.proj_selector(ft, model) == want
-  ft.proj_selector = 3
-  with pytest.raises(ConfigError, match='config.finetune.proj_selector=3'):
+  ft.proj_selector = 4
+  with pytest.raises(ConfigError, match='config.finetune.proj_selector=4'):
     finetune.proj_selector(ft, model)
 
 

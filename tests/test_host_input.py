@@ -50,6 +50,21 @@ def test_train_is_deterministic_and_resumes_mid_stream():
   assert not np.array_equal(o['view1'], full[0]['view1'])
 
 
+def test_train_stream_ignores_tensorflows_global_seed():
+  # Every process must build the same stream whatever else ran in it before (a library or a
+  # test calling tf.random.set_seed), or a multi-process global batch differs from its parts.
+  c = _config()
+  before = _take(host_input.train_iterator(c, process_index=0, process_count=1), 12)
+  tf.random.set_seed(1234)
+  try:
+    after = _take(host_input.train_iterator(c, process_index=0, process_count=1), 12)
+  finally:
+    tf.random.set_seed(None)
+  for a, b in zip(before, after):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_train_epochs_cover_labels_and_reshuffle():
   c = _config(batch=40)  # 360 = 9 batches of 40: an epoch is exactly 9 steps.
   batches = _take(host_input.train_iterator(c, process_index=0, process_count=1), 18)

@@ -39,6 +39,10 @@ def num_examples(config: Any, split: str | None = None) -> int:
   return sources.load(config.data, split, process_index=0, process_count=1).num_examples_total
 
 
+# TensorFlow's graph-level seed when none is set (random_seed.DEFAULT_GRAPH_SEED).
+_GRAPH_SEED = 87654321
+
+
 def _epochs(ds: tf.data.Dataset, n: int, config: Any, start_epoch: int = 0) -> tf.data.Dataset:
   """Endless: epoch e is `ds` in an order seeded by (config.seed, e), each example tagged 'epoch'.
 
@@ -49,6 +53,10 @@ def _epochs(ds: tf.data.Dataset, n: int, config: Any, start_epoch: int = 0) -> t
   buffer = max(min(config.data.shuffle_buffer, n), 1)
 
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
+    # A seeded shuffle still mixes in TensorFlow's graph-level seed, which a caller's
+    # tf.random.set_seed would change. Pinned here (in this traced function's graph only, to
+    # TensorFlow's default), the order is a function of (config.seed, epoch) alone.
+    tf.random.set_seed(_GRAPH_SEED)
     order_seed = tf.cast(views_tf.view_seed(config.seed, e, -1, -1)[0], tf.int64)
     shuffled = ds.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
     return shuffled.map(lambda ex: dict(ex, epoch=e))
