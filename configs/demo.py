@@ -2,29 +2,38 @@
 
   python -m simclr_jax.main --config=configs/demo.py --workdir=/tmp/simclr_demo
   python -m simclr_jax.main --config=configs/linear_eval.py \
-      --config.pretrain_workdir=/tmp/simclr_demo --workdir=/tmp/simclr_demo/eval
+      --config.pretrain_workdir=/tmp/simclr_demo --workdir=/tmp/simclr_demo/eval \
+      --config.probe.mode=cached --config.probe.standardise=True --config.baseline=True
 
 (`bash launch/demo.sh` sets up a venv and runs both.) 1,437 training digits upscaled to 16x16,
-a ResNet-18 at width 1/8 with the CIFAR stem. Expected: linear-probe top-1 well above the
-random-encoder baseline on the 360 test digits (figures in the README).
+a ResNet-18 at width 1/4 with the CIFAR stem, 30 epochs. Expected: a linear probe above both
+floors on the 360 test digits, the random encoder's and a linear model on the raw pixels, with
+the probe in the pixels' protocol (cached, standardised features); figures in the README.
 """
 from configs import base
 
 
 def get_config():
-  """Demo recipe: small everything, CIFAR-style views (no blur, jitter 0.5)."""
+  """Demo recipe: small everything; CIFAR colour views (no blur, jitter 0.5), digit-safe crops."""
   c = base.get_config()
-  # One CPU device: this model is so small that splitting its step over the cores costs more
-  # in cross-device BN/loss reductions than it gains (2-core CPU: 542 vs 441 images/s end to
-  # end); real recipes gain from one device per core (README "Performance").
+  # One CPU device: this model is so small that splitting its step over the cores gains
+  # nothing against the cross-device BN/loss reductions (2-core CPU, the 337 steps: 2 min 9 s
+  # on one device, 2 min 19 s on two); real recipes gain from one device per core.
   c.cpu_devices = 1
   c.data.source = 'demo'
   c.data.image_size = 16
   c.data.num_classes = 10
   c.data.shuffle_buffer = 2000
   c.model.depth = 18
-  c.model.width = 0.125
+  c.model.width = 0.25
   c.model.cifar_stem = True
+  # Views for 16 px digits (not the CIFAR preset): a mirrored 2, 3, 5 or 7 is not the same
+  # digit, so no flip; and a crop of 8% of 16x16 (about 4x4 pixels) holds no digit, so crops
+  # cover at least a quarter of the image. Measured on this demo (linear probe / kNN top-1):
+  # CIFAR views 0.933 / 0.744, these 0.953 / 0.808 at width 1/8; width 1/4 0.961-0.972 /
+  # 0.839-0.881 over two seeds, against 0.956 for a linear probe on the raw pixels.
+  c.augment.flip = False
+  c.augment.crop_area = (0.25, 1.0)
   c.loss.temperature = 0.5
   c.optim.base_lr = 1.0
   c.optim.warmup_epochs = 2.0
@@ -32,4 +41,5 @@ def get_config():
   c.train.epochs = 30.0
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 100
+  c.train.eval_every_steps = 100  # a few points for curves.png (each evaluation ~2.5 s)
   return c

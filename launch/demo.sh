@@ -8,6 +8,10 @@ WORKDIR="${WORKDIR:-workdirs/demo}"
 bash launch/setup.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 .venv/bin/python -m simclr_jax.main --config=configs/demo.py --workdir="$WORKDIR" "$@"
+# The probe on cached, standardised features: the protocol of the raw-pixel baseline, so the
+# two floors (random encoder, raw pixels) and the encoder are compared on equal terms.
 .venv/bin/python -m simclr_jax.main --config=configs/linear_eval.py \
-  --config.pretrain_workdir="$WORKDIR" --workdir="$WORKDIR/eval" --config.baseline=True
+  --config.pretrain_workdir="$WORKDIR" --workdir="$WORKDIR/eval" --config.baseline=True \
+  --config.probe.mode=cached --config.probe.standardise=True
 echo "results: $WORKDIR/eval/results.json"
+echo "pictures: $WORKDIR/eval/embedding.png $WORKDIR/eval/curves.png"

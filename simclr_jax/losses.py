@@ -25,16 +25,16 @@ LARGE_NUM = 1e9
 _ENTROPY_EPS = 1e-8
 
 
-def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
-  """tf.math.l2_normalize: x / sqrt(max(sum(x^2), 1e-12))."""
+def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+  """Rows to unit L2 norm as tf.math.l2_normalize: x / sqrt(max(sum(x^2), 1e-12))."""
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def _nt_xent_local(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
                    axis_name: str | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """NT-Xent for this device's rows; `axis_name` None means the arrays are the whole batch."""
-  z1 = _l2_normalize(z1.astype(jnp.float32))
-  z2 = _l2_normalize(z2.astype(jnp.float32))
+  z1 = l2_normalize(z1.astype(jnp.float32))
+  z2 = l2_normalize(z2.astype(jnp.float32))
   n_local = z1.shape[0]
   if axis_name is None:
     z1_all, z2_all, offset = z1, z2, 0

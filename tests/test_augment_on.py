@@ -340,7 +340,10 @@ STEPS, CKPT_EVERY = 24, 4
 TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8',
         '--config.train.batch_size=32', f'--config.train.steps={STEPS}',
         '--config.train.log_every_steps=1', f'--config.train.checkpoint_every_steps={CKPT_EVERY}',
-        '--config.train.keep_checkpoints=10', '--config.optim.warmup_epochs=0.5']
+        '--config.train.keep_checkpoints=10', '--config.optim.warmup_epochs=0.5',
+        # The CIFAR views (not the demo's digit views), with which the loss figures in
+        # test_device_run_learns_like_the_host_run were measured.
+        '--config.augment.flip=True', '--config.augment.crop_area=(0.08,1.0)']
 # Sharded even for the small demo set: the harder of the two layouts.
 DEVICE = ['--config.data.augment_on=device', '--config.data.device_replicate_max_mb=0']
 # Runs the job with TensorFlow made unimportable, then fails if any TensorFlow module got loaded.
@@ -407,16 +410,17 @@ def test_device_run_learns_like_the_host_run(device_run, tmp_path, cache):
   assert [r['step'] for r in host] == [r['step'] for r in dev] == list(range(1, STEPS + 1))
   h, d = (np.array([r['loss'] for r in rows]) for rows in (host, dev))
   # Step 1 runs the same initial parameters on different views. Measured over 40 batches of
-  # each mode, the loss of this initial model is 4.63 (host) / 4.65 (device) with sd 0.21 per
-  # batch, so one batch each agrees to within 3 sd of the difference, 0.9; identical views
-  # would give 2.7. Both runs then fall and land at the same level: over the last 8 steps the
-  # per-step losses jitter by ~0.1 around the trend, so each mean has a standard error of ~0.035
-  # and their difference ~0.05; 0.15 is 3 of those. (Seeds are fixed and CPU runs deterministic:
-  # this cannot flake, only change with the code.)
-  assert abs(h[0] - d[0]) < 0.9 and min(h[0], d[0]) > 4.0, (h[0], d[0])
+  # each mode, the loss of this initial model is 9.41 (host) / 9.25 (device) with sd 0.38 per
+  # batch, so one batch each agrees to within 3 sd of the difference, 1.6. Both runs then fall
+  # (by 0.47 / 0.36 from the first 4 steps to the last 8 when measured) and land at the same
+  # level: around the trend the per-step losses jitter with sd 0.17-0.29, so each 8-step mean
+  # has a standard error of ~0.1 and their difference ~0.14; 0.3 is about 2 of those (measured
+  # 0.11). Seeds are fixed and CPU runs deterministic: this cannot flake, only change with the
+  # code.
+  assert abs(h[0] - d[0]) < 1.6 and min(h[0], d[0]) > 8.0, (h[0], d[0])
   tail_h, tail_d = h[-8:].mean(), d[-8:].mean()
   assert tail_h < h[:4].mean() - 0.2 and tail_d < d[:4].mean() - 0.2, (h, d)
-  assert abs(tail_h - tail_d) < 0.15, (h, d)
+  assert abs(tail_h - tail_d) < 0.3, (h, d)
 
 
 def test_device_run_resumes_bit_identically(device_run, tmp_path, cache):

@@ -6,14 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax import losses
 from simclr_jax.eval.features import topk_accuracy
 
 # --- kNN -----------------------------------------------------------------------------------------
-
-
-def _l2_normalise(x: jax.Array) -> jax.Array:
-  """Rows scaled to unit L2 norm (zero rows stay zero)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
@@ -35,7 +31,7 @@ def knn_predict(train_feats: Any, train_labels: Any, test_feats: Any, num_classe
   for their label with weight exp(sim / temperature). k is capped at the number of train rows;
   test rows are processed `batch_size` at a time so memory is O(batch_size × n_train).
   """
-  train = _l2_normalise(jnp.asarray(train_feats, jnp.float32))
+  train = losses.l2_normalize(jnp.asarray(train_feats, jnp.float32))
   train_labels = jnp.asarray(train_labels, jnp.int32)
   test = np.asarray(test_feats, np.float32)
   n_test = test.shape[0]
@@ -49,7 +45,7 @@ def knn_predict(train_feats: Any, train_labels: Any, test_feats: Any, num_classe
     rows = chunk.shape[0]
     if rows < batch_size:  # pad the last chunk: one compiled shape for every chunk
       chunk = np.concatenate([chunk, np.zeros((batch_size - rows, chunk.shape[1]), np.float32)])
-    out = _knn_chunk(train, train_labels, _l2_normalise(jnp.asarray(chunk)),
+    out = _knn_chunk(train, train_labels, losses.l2_normalize(jnp.asarray(chunk)),
                      jnp.float32(temperature), k=k, num_classes=num_classes)
     scores.append(np.asarray(out)[:rows])
   if not scores:

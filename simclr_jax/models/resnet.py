@@ -32,20 +32,28 @@ STAGES: dict[int, tuple[str, Sequence[int]]] = {
 }
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+class _Block(nn.Module):
+  """Fields shared by both residual blocks; `conv` and `norm` are module factories."""
   filters: int
   strides: int
   use_projection: bool
   conv: Any
   norm: Any
 
+  def shortcut(self, x: jnp.ndarray, out_filters: int) -> jnp.ndarray:
+    """x, or on a block with a projection, the official one: 1x1 convolution + BN, no ReLU."""
+    if not self.use_projection:
+      return x
+    return self.norm(name='proj_bn')(
+        self.conv(out_filters, 1, self.strides, name='proj_conv')(x))
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    shortcut = x
-    if self.use_projection:
-      shortcut = self.conv(self.filters, 1, self.strides, name='proj_conv')(x)
-      shortcut = self.norm(name='proj_bn')(shortcut)
+    shortcut = self.shortcut(x, self.filters)
     y = self.conv(self.filters, 3, self.strides)(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, 3)(y)
@@ -53,21 +61,13 @@ class BasicBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
   """1x1 → 3x3 (strided) → 1x1 (4x filters) with a residual connection (ResNet-50+)."""
-  filters: int
-  strides: int
-  use_projection: bool
-  conv: Any
-  norm: Any
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     out_filters = 4 * self.filters
-    shortcut = x
-    if self.use_projection:
-      shortcut = self.conv(out_filters, 1, self.strides, name='proj_conv')(x)
-      shortcut = self.norm(name='proj_bn')(shortcut)
+    shortcut = self.shortcut(x, out_filters)
     y = nn.relu(self.norm()(self.conv(self.filters, 1)(x)))
     y = nn.relu(self.norm()(self.conv(self.filters, 3, self.strides)(y)))
     y = self.conv(out_filters, 1)(y)
