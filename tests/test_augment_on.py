@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import processes
 from configs import base, demo
 from simclr_jax import checkpoint, parallel, pretrain
 from simclr_jax import workdir as workdir_lib
@@ -337,13 +338,8 @@ def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
 # --- whole runs: python -m simclr_jax.main in subprocesses ----------------------------------------
 
 STEPS, CKPT_EVERY = 24, 4
-TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8',
-        '--config.train.batch_size=32', f'--config.train.steps={STEPS}',
-        '--config.train.log_every_steps=1', f'--config.train.checkpoint_every_steps={CKPT_EVERY}',
-        '--config.train.keep_checkpoints=10', '--config.optim.warmup_epochs=0.5',
-        # The CIFAR views (not the demo's digit views), with which the loss figures in
-        # test_device_run_learns_like_the_host_run were measured.
-        '--config.augment.flip=True', '--config.augment.crop_area=(0.08,1.0)']
+TINY = processes.TINY_DEMO + [f'--config.train.steps={STEPS}', '--config.train.log_every_steps=1',
+                              f'--config.train.checkpoint_every_steps={CKPT_EVERY}']
 # Sharded even for the small demo set: the harder of the two layouts.
 DEVICE = ['--config.data.augment_on=device', '--config.data.device_replicate_max_mb=0']
 # Runs the job with TensorFlow made unimportable, then fails if any TensorFlow module got loaded.
@@ -362,17 +358,10 @@ sys.exit(1 if loaded else 0)
 '''
 
 
-def _env(cache_dir):
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-              XLA_FLAGS='--xla_force_host_platform_device_count=8',
-              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-
-
 def _start(workdir, cache_dir, extra=(), without_tf=False):
   entry = ['-c', _WITHOUT_TF] if without_tf else ['-m', 'simclr_jax.main']
   return subprocess.Popen([sys.executable, *entry, f'--workdir={workdir}', *TINY, *extra],
-                          cwd=ROOT, env=_env(cache_dir), stdout=subprocess.PIPE,
+                          cwd=ROOT, env=processes.cpu_env(8, cache_dir), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 

@@ -5,7 +5,6 @@ parts) stands in for the model: what is tested is orbax's handling of the tree, 
 """
 import logging
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import processes
 from simclr_jax import checkpoint, parallel
 from simclr_jax.errors import ConfigError
 
@@ -357,11 +357,7 @@ lock.__exit__(None, None, None)
 
 def test_two_processes_take_the_same_decision(tmp_path):
   """Both processes restore step 1; process 0 moved step 2 aside and held the workdir lock."""
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  port, env = processes.free_port(), processes.cpu_env(2)
   procs = [subprocess.Popen(
       [sys.executable, '-c', _TWO_PROCESSES, f'localhost:{port}', str(i), str(tmp_path), ROOT],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,7 +7,6 @@ each file, one by one.
 """
 import functools
 import os
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import processes
 from configs import base
 from configs import extract as extract_config
 from simclr_jax import checkpoint
@@ -190,15 +190,9 @@ def test_config_errors(pretrain, folders, tmp_path):
     extract.run(_config(pretrain[0], folder=mixed), str(tmp_path))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_same_as_one(class_run, pretrain, folders, tmp_path):
   """Two processes (2 CPU devices each, gloo): the same files, rows and features."""
-  port = _free_port()
+  port = processes.free_port()
   script = (
       'import sys, jax\n'
       'jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))\n'
@@ -207,8 +201,7 @@ def test_two_processes_same_as_one(class_run, pretrain, folders, tmp_path):
       'c = ec.get_config()\n'
       'c.pretrain_workdir, c.data.folder, c.eval_batch_size = sys.argv[3], sys.argv[4], 8\n'
       'extract.run(c, sys.argv[5])\n')
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = processes.cpu_env(2)
   procs = [subprocess.Popen(
       [sys.executable, '-c', script, str(port), str(i), pretrain[0], folders[0], str(tmp_path)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

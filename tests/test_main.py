@@ -11,24 +11,19 @@ import jax
 import numpy as np
 import pytest
 
+import processes
 from simclr_jax import checkpoint
 from simclr_jax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY = 24, 4
-TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8',
-        '--config.train.batch_size=32', f'--config.train.steps={STEPS}',
-        '--config.train.log_every_steps=4', f'--config.train.checkpoint_every_steps={CKPT_EVERY}',
-        '--config.train.keep_checkpoints=10', '--config.optim.warmup_epochs=0.5']
+TINY = processes.TINY_DEMO + [f'--config.train.steps={STEPS}', '--config.train.log_every_steps=4',
+                              f'--config.train.checkpoint_every_steps={CKPT_EVERY}']
 
 
 def _env(cache_dir):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             # One compilation shared by every run of this module: the runs differ in timing only.
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return env
+  # One compilation shared by every run of this module: the runs differ in timing only.
+  return processes.cpu_env(8, cache_dir)
 
 
 def _start(workdir, cache_dir, extra=()):

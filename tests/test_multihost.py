@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from ml_collections import config_flags
 
+import processes
 from simclr_jax import checkpoint, optim, parallel, train_step
 from simclr_jax import metrics
 from simclr_jax.data import host_input, sources
@@ -37,20 +37,6 @@ TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.dat
 RTOL, ATOL = 1e-3, 1e-5
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def _env(cache, devices):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  if cache is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return env
-
-
 def _cmd(workdir, extra):
   return [sys.executable, '-m', 'simclr_jax.main', f'--workdir={workdir}', *TINY, *extra]
 
@@ -62,11 +48,11 @@ def _start_two(workdir, extra=()):
   recompile what process 0 loads, fall behind, and a gloo collective's rendezvous (30 s, fixed
   in jaxlib) would time out.
   """
-  port = _free_port()
+  port = processes.free_port()
   return [subprocess.Popen(
       _cmd(workdir, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
                      f'--process_id={i}', *extra]),
-      cwd=ROOT, env=_env(None, 4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env=processes.cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
 
 
@@ -104,7 +90,7 @@ def _wait_for_checkpoint(workdir, procs, timeout=600):
 
 
 def _run_one(workdir, cache, extra=()):
-  proc = subprocess.run(_cmd(workdir, extra), cwd=ROOT, env=_env(cache, 8), timeout=900,
+  proc = subprocess.run(_cmd(workdir, extra), cwd=ROOT, env=processes.cpu_env(8, cache), timeout=900,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   assert proc.returncode == 0, proc.stdout[-3000:]
   return proc.stdout

@@ -7,13 +7,13 @@ test_pretrain.py (a failed save).
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+import processes
 from simclr_jax import stopping
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,11 +43,7 @@ with stopping.StopRequests() as stop:
 
 
 def _start_two(mode):
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  port, env = processes.free_port(), processes.cpu_env(1)
   procs = [subprocess.Popen([sys.executable, '-c', _LOOP, f'localhost:{port}', str(i), mode],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
