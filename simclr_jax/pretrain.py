@@ -1,6 +1,6 @@
 """The pretraining job, read top to bottom: checks → mesh → input → model → state → resume → loop.
 
-Host syncs happen only on log steps (fetching metrics) and checkpoint steps; every other step is
+Host syncs happen only on log, evaluation and checkpoint steps; every other step is
 dispatched asynchronously while the input prepares the next batch. One ExitStack owns the stop
 requests (signals, failed saves: `stopping`), the checkpoint manager and the metric writer, so
 every exit path (done, preempted, a failed save, non-finite loss, an error) waits for pending
