@@ -72,8 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe.momentum = 0.9
   c.probe.nesterov = True  # official --optimizer=momentum is Nesterov
   c.probe.standardise = False  # standardise features with the train split's statistics
-  c.probe.crop_area = (0.08, 1.0)  # augmented mode: random-resized-crop area range
-  c.probe.flip = True  # augmented mode: random horizontal flip
+  # Augmented mode's views: random-resized-crop area range and horizontal flip. None: the
+  # pretraining run's augment.crop_area and augment.flip (config.json), so a recipe that pretrains
+  # without flips or with large crops (the demo's digits) is probed on views it was trained on;
+  # for the official recipes that is the official (0.08, 1) crop + flip.
+  c.probe.crop_area = config_dict.placeholder(tuple)
+  c.probe.flip = config_dict.placeholder(bool)
 
   # --- kNN (InstDisc-style weighted vote on L2-normalised features) --------------------------
   c.knn = ml_collections.ConfigDict()
@@ -109,8 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune.epochs = 60.0  # the README's 1% command (it gives no 10% command)
   c.finetune.steps = -1  # > 0: this many steps instead of N * epochs // batch + 1
   c.finetune.batch_size = 1024  # global; BN statistics over the whole batch (global BN)
-  c.finetune.crop_area = (0.08, 1.0)
-  c.finetune.flip = True
+  # Views, as probe.crop_area / probe.flip: None takes the pretraining run's augment values.
+  c.finetune.crop_area = config_dict.placeholder(tuple)
+  c.finetune.flip = config_dict.placeholder(bool)
 
   # --- raw-pixel baseline (with c.baseline) ---------------------------------------------------
   # The linear probe (cached, standardised, the probe's schedule) on the flattened eval-view

@@ -12,13 +12,13 @@ import pytest
 
 from sklearn import linear_model
 
-from configs import base, linear_eval
+from configs import base, cifar10, demo, imagenet, linear_eval
 from simclr_jax import checkpoint, metrics, optim, parallel
 from simclr_jax import workdir as workdir_lib
 from simclr_jax import train_step as ts
 from simclr_jax.data import demo_digits, host_input
 from simclr_jax.errors import ConfigError
-from simclr_jax.eval import encoder, features, finetune
+from simclr_jax.eval import encoder, features, finetune, linear_probe
 from simclr_jax.eval import job as evaluate
 from simclr_jax.models import simclr
 
@@ -135,7 +135,10 @@ def test_run_writes_results_with_the_protocol_of_each_figure(results, pretrain):
       'mode': 'augmented', 'epochs': 3.0, 'steps': DEMO_TRAIN * 3 // 64 + 1, 'batch_size': 64,
       'base_lr': 2.0, 'lr_scaling': 'linear', 'learning_rate': 2.0 * 64 / 256,
       'momentum': 0.9, 'nesterov': True, 'weight_decay': 0.0, 'standardise': False,
-      'augmentation': 'random resized crop, area (0.08, 1.0) + horizontal flip'}
+      'augmentation': 'random resized crop, area (0.08, 1.0) + horizontal flip',
+      'views': {'crop_area': [0.08, 1.0], 'flip': True,
+                'from': {'crop_area': 'pretraining augment.crop_area',
+                         'flip': 'pretraining augment.flip'}}}
   assert written['knn'] == {**written['knn'], 'k': 20, 'temperature': 0.1}
   for r in (written['linear_probe'], written['knn'],
             *written['baseline']['random_encoder'].values(), written['baseline']['pixels']):
@@ -198,7 +201,8 @@ def test_pixel_baseline_caps_its_train_examples_by_memory(pretrain, mesh):
   config.pixels.max_mb = 300 * 8 * 8 * 3 * 4 / 2**20  # room for 300 of the 1437 train digits
   cfg = evaluate.data_config(config, _pretrain_config())
   ctx = evaluate.Context(config, cfg, _pretrain_config(),
-                         evaluate.resolve_probe(config.probe, 8), mesh, feature_fn=None)
+                         evaluate.resolve_probe(config.probe, _pretrain_config()), mesh,
+                         feature_fn=None)
   capped = evaluate.pixel_baseline(ctx)
   # A seeded class-balanced subset of ~300 (per class round(300 / 1437 * count)).
   ids, labels = finetune.label_subset(cfg, 300 / DEMO_TRAIN, cfg.seed)
@@ -216,25 +220,77 @@ def test_cached_probe_with_standardisation(pretrain, results, tmp_path):
   assert set(cached) & set(evaluate.EVALUATORS) == {'linear_probe'}
   protocol = cached['linear_probe']['protocol']
   assert protocol['mode'] == 'cached' and protocol['standardise']
-  assert protocol['augmentation'] == 'none (eval view)'
+  assert protocol['augmentation'] == 'none (eval view)' and protocol['views'] == {}
   assert protocol['steps'] == results['linear_probe']['protocol']['steps']
   assert cached['linear_probe']['top1'] > 0.5
+
+
+def _sized(image_size):
+  cfg = _pretrain_config()
+  cfg.data.image_size = image_size
+  return cfg
 
 
 def test_presets_follow_the_pretraining_image_size():
   probe = linear_eval.get_config().probe
   assert probe.mode == 'augmented' and not probe.standardise and probe.base_lr == 0.1
-  small, large = evaluate.resolve_probe(probe, 32), evaluate.resolve_probe(probe, 224)
+  small = evaluate.resolve_probe(probe, _sized(32))
+  large = evaluate.resolve_probe(probe, _sized(224))
   assert (small.preset, small.epochs, small.batch_size, small.weight_decay) == (
       'cifar', 100.0, 512, 0.0)
   assert (large.preset, large.epochs, large.batch_size, large.weight_decay) == (
       'imagenet', 90.0, 4096, 1e-6)
   probe.batch_size, probe.preset = 256, 'imagenet'  # explicit values win over the preset
-  chosen = evaluate.resolve_probe(probe, 32)
+  chosen = evaluate.resolve_probe(probe, _sized(32))
   assert (chosen.preset, chosen.epochs, chosen.batch_size) == ('imagenet', 90.0, 256)
   probe.preset = 'tiny'
   with pytest.raises(ConfigError, match='config.probe.preset'):
-    evaluate.resolve_probe(probe, 32)
+    evaluate.resolve_probe(probe, _sized(32))
+
+
+def test_probe_views_follow_the_pretraining_recipe():
+  probe = linear_eval.get_config().probe
+  # The official recipes pretrain with the official crop + flip: the official probe views.
+  for recipe in (cifar10.get_config(), imagenet.get_config()):
+    official = evaluate.resolve_probe(probe, recipe)
+    assert (official.crop_area, official.flip) == ((0.08, 1.0), True)
+  # The demo pretrains without flips, on crops of at least a quarter: so is it probed.
+  views = evaluate.resolve_probe(probe, demo.get_config())
+  assert (views.crop_area, views.flip) == ((0.25, 1.0), False)
+  assert linear_probe.protocol(views, 100).views == {
+      'crop_area': [0.25, 1.0], 'flip': False,
+      'from': {'crop_area': 'pretraining augment.crop_area', 'flip': 'pretraining augment.flip'}}
+  probe.crop_area = (0.5, 1.0)  # a value in the evaluation config wins
+  views = evaluate.resolve_probe(probe, demo.get_config())
+  assert (views.crop_area, views.flip) == ((0.5, 1.0), False)
+  assert views.views_from.to_dict() == {'crop_area': 'evaluation config',
+                                        'flip': 'pretraining augment.flip'}
+  assert linear_probe.protocol(views, 100).augmentation == 'random resized crop, area (0.5, 1.0)'
+
+
+def test_augmented_stream_draws_the_pretraining_views(pretrain, mesh):
+  """Pretrained on whole images without flips, the probe's 'augmented' views are the eval view
+  itself: every row of the stream is some train example's eval-view feature. With the
+  evaluation config's old fixed views (area (0.08, 1), flips) almost no row would be."""
+  whole = _pretrain_config()
+  whole.augment.crop_area, whole.augment.flip = (1.0, 1.0), False
+  config = _eval_config(pretrain[0])
+  _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
+  ctx = evaluate.Context(config, evaluate.data_config(config, whole), whole,
+                         evaluate.resolve_probe(config.probe, whole), mesh,
+                         evaluate.make_feature_fn(model, mesh, 'h'))
+  enc = evaluate.Encoder('pretrained', variables, ctx)
+  eval_feats, eval_labels = enc.features('train')
+  p = linear_probe.protocol(ctx.probe, DEMO_TRAIN)
+  feats, labels = next(evaluate._augmented_batches(enc, p))  # pylint: disable=protected-access
+  dist = np.linalg.norm(feats[:, None, :] - eval_feats[None, :, :], axis=-1)
+  nearest = dist.argmin(1)
+  # The same image through the same inference program; only the batch it sits in differs,
+  # which may change XLA's float32 summation order: 1e-4 of the feature's norm is ~100x the
+  # accumulated rounding of a few hundred float32 products per output.
+  scale = np.linalg.norm(feats, axis=-1)
+  np.testing.assert_array_less(dist.min(1), 1e-4 * scale)
+  np.testing.assert_array_equal(labels, eval_labels[nearest])
 
 
 # --- errors ----------------------------------------------------------------------------------

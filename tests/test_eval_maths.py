@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import linear_eval
+from configs import base, linear_eval
 from simclr_jax import optim, parallel
 from simclr_jax.eval import features, finetune, knn, linear_probe
 from simclr_jax.models import simclr
@@ -45,6 +45,7 @@ def _official_steps_and_lr(num_examples, epochs, batch_size, base_lr, step):
 def test_probe_protocol_is_the_official_schedule(preset, num_examples):
   probe = linear_eval.get_config().probe
   probe.update(probe.presets[preset])
+  probe = linear_probe.resolve_views(probe, base.get_config().augment)
   p = linear_probe.protocol(probe, num_examples)
   epochs = int(probe.epochs)
   want_steps, _ = _official_steps_and_lr(num_examples, epochs, probe.batch_size, 0.1, 0)

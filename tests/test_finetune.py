@@ -231,7 +231,10 @@ def test_from_block_3_and_proj_selector_1_train_exactly_what_they_say(tuned, pre
   assert results['protocol'] == {
       **results['protocol'], 'optimizer': 'lars', 'steps': n * 2 // 64 + 1,
       'learning_rate': pytest.approx(0.005 * 8), 'from_block': 3, 'proj_selector': 1,
-      'batch_size': 64, 'weight_decay': 0.0, 'warmup_epochs': 0.0}
+      'batch_size': 64, 'weight_decay': 0.0, 'warmup_epochs': 0.0,
+      # The crop area is the evaluation config's; the flip, left unset, the pretraining run's.
+      'views': {'crop_area': [0.64, 1.0], 'flip': True,
+                'from': {'crop_area': 'evaluation config', 'flip': 'pretraining augment.flip'}}}
 
 
 def test_run_fine_tunes_the_whole_network_on_all_labels(pretrain, tmp_path):

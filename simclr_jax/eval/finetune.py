@@ -13,8 +13,9 @@ linear head with bias (official 'head_supervised', named like the online probe s
 gives it neither trust ratio nor, here, weight decay on its bias) on the output of projection
 layer k = ft_proj_selector (tf2/model.py: `return proj_head_output,
 hiddens_list[FLAGS.ft_proj_selector]`), those k layers trained too; LARS from optim; crop + flip
-views (tf2/data.py: `color_distort=is_pretrain`); `N * epochs // B + 1` steps of an endless
-shuffled stream. `from_block=k` freezes the stem and stages before k (official
+views without colour distortion (tf2/data.py: `color_distort=is_pretrain`), with the pretraining
+run's crop area and flip unless config.finetune sets them; `N * epochs // B + 1` steps of an
+endless shuffled stream. `from_block=k` freezes the stem and stages before k (official
 fine_tune_after_block=k-1): frozen parts keep their parameters and run BN in inference mode.
 Data sets without official subsets use `balanced_subset`, a fixed, seeded, class-balanced
 fraction of the train split.
@@ -229,7 +230,7 @@ def data_config(cfg: ml_collections.ConfigDict, ft: ml_collections.ConfigDict
 
 def _batches(data: ml_collections.ConfigDict, ft: ml_collections.ConfigDict,
              indices: np.ndarray | None, mesh: Mesh) -> Any:
-  """Endless global (images, labels) batches of crop + flip views of the labelled examples."""
+  """Endless global (images, labels) batches of crop (+ flip) views of the labelled examples."""
   num_classes = data.data.num_classes
   for batch in host_input.probe_train_iterator(
       data, int(ft.batch_size), crop_area=tuple(ft.crop_area), flip=bool(ft.flip),
@@ -254,6 +255,7 @@ def finetune(variables: Any, pretrain_config: ml_collections.ConfigDict,
   {'params', 'batch_stats'} of the Classifier).
   """
   data = data_config(cfg, ft)
+  ft = linear_probe.resolve_views(ft, pretrain_config.augment)
   model_cfg = pretrain_config.model
   selector, from_block = proj_selector(ft, model_cfg), int(ft.from_block)
   module = build_classifier(model_cfg, data.data.num_classes, from_block, selector)
@@ -291,6 +293,6 @@ def finetune(variables: Any, pretrain_config: ml_collections.ConfigDict,
           'warmup_epochs': float(ft.warmup_epochs), 'epochs': float(ft.epochs), 'steps': steps,
           'batch_size': int(ft.batch_size), 'from_block': from_block,
           'proj_selector': selector,
-          'augmentation': f'random resized crop, area {tuple(ft.crop_area)}' +
-                          (' + horizontal flip' if ft.flip else '')}}
+          'augmentation': linear_probe.augmentation_text(ft),
+          'views': linear_probe.views_record(ft)}}
   return results, tuned

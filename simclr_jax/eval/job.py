@@ -89,15 +89,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f'[0, {finetune.NUM_STAGES}] (0: whole network, k: stage k onward).')
 
 
-def resolve_probe(probe: ml_collections.ConfigDict, image_size: int) -> ml_collections.ConfigDict:
-  """config.probe with its unset keys (None) from probe.presets[preset] ('auto': by image size)."""
+def resolve_probe(probe: ml_collections.ConfigDict,
+                  pretrain_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.probe with its unset keys (None) from probe.presets[preset] ('auto': by the
+  pretraining image size) and its views from the pretraining run (linear_probe.resolve_views)."""
   name = probe.preset
   if name == 'auto':
-    name = 'cifar' if image_size <= CIFAR_MAX_SIZE else 'imagenet'
+    name = 'cifar' if pretrain_config.data.image_size <= CIFAR_MAX_SIZE else 'imagenet'
   if name not in probe.presets:
     raise ConfigError(f'config.probe.preset={probe.preset!r}: there is no config.probe.presets.'
                       f'{name}; use auto or one of {sorted(probe.presets)}.')
-  resolved = ml_collections.ConfigDict(probe.to_dict())
+  resolved = linear_probe.resolve_views(probe, pretrain_config.augment)
   resolved.preset = name
   for key, value in probe.presets[name].items():
     if resolved[key] is None:
@@ -180,7 +182,7 @@ class Encoder:
 
 def _augmented_batches(enc: Encoder, p: linear_probe.Protocol
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless (features, labels) of fresh crop + flip views through the frozen encoder."""
+  """Endless (features, labels) of fresh crop (+ flip) views through the frozen encoder."""
   ctx = enc.ctx
   for batch in host_input.probe_train_iterator(ctx.cfg, p.batch_size,
                                                crop_area=tuple(ctx.probe.crop_area),
@@ -337,7 +339,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'config.data.num_classes={cfg.data.num_classes}: the data set has no labels, so there '
         'is nothing for the linear probe to predict; evaluate on a labelled data set or set '
         'config.data.num_classes.')
-  probe = resolve_probe(config.probe, cfg.data.image_size)
+  probe = resolve_probe(config.probe, pretrain_config)
   if 'linear_probe' in names and probe.mode == 'augmented':
     parallel.check_batch_size(probe.batch_size, mesh, 'probe.batch_size')
   if 'finetune' in names:

@@ -31,7 +31,7 @@ STANDARDISE_EPSILON = 1e-5
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """What produced a probe figure; results.json records it beside the figure."""
-  mode: str  # 'augmented': crop + flip views every step | 'cached': features computed once
+  mode: str  # 'augmented': crop (+ flip) views every step | 'cached': features computed once
   epochs: float
   steps: int  # optimiser steps: probe.steps, or official N * epochs // batch + 1
   batch_size: int
@@ -43,20 +43,54 @@ class Protocol:
   weight_decay: float  # weight_decay * w added to every gradient (kernel and bias)
   standardise: bool
   augmentation: str
+  # The train views: crop_area, flip and where they came from. Not part of the hash: the
+  # compiled update functions (_step_fns, cached by Protocol) do not depend on them.
+  views: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
   def as_dict(self) -> dict[str, Any]:
     """The protocol as plain JSON values."""
     return dataclasses.asdict(self)
 
 
+def resolve_views(section: ml_collections.ConfigDict, augment: ml_collections.ConfigDict
+                  ) -> ml_collections.ConfigDict:
+  """`section` (config.probe or config.finetune) with crop_area / flip left unset (None) taken
+  from the pretraining run's `augment`, and `views_from` saying where each came from.
+
+  Evaluation views follow the pretraining recipe: an encoder pretrained without flips, or on
+  large crops only, is not judged on mirrored or tiny crops it never learnt to read.
+  """
+  resolved = ml_collections.ConfigDict(section.to_dict())
+  origin = {}
+  for key in ('crop_area', 'flip'):
+    if resolved[key] is None:
+      resolved[key] = augment[key]
+      origin[key] = f'pretraining augment.{key}'
+    else:
+      origin[key] = 'evaluation config'
+  resolved.crop_area = tuple(float(a) for a in resolved.crop_area)
+  resolved.flip = bool(resolved.flip)
+  resolved.views_from = origin
+  return resolved
+
+
+def views_record(section: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The resolved views of `section` as results.json records them."""
+  return {'crop_area': list(section.crop_area), 'flip': bool(section.flip),
+          'from': dict(section.views_from)}
+
+
+def augmentation_text(section: ml_collections.ConfigDict) -> str:
+  """E.g. 'random resized crop, area (0.08, 1.0) + horizontal flip'."""
+  text = f'random resized crop, area {tuple(section.crop_area)}'
+  return text + (' + horizontal flip' if section.flip else '')
+
+
 def protocol(probe: ml_collections.ConfigDict, num_examples: int,
              mode: str | None = None) -> Protocol:
-  """The protocol of the resolved `config.probe` on `num_examples` train examples."""
+  """The protocol of the resolved `config.probe` (resolve_views applied) on `num_examples`."""
   mode = probe.mode if mode is None else mode
-  augmentation = 'none (eval view)'
-  if mode == 'augmented':
-    augmentation = f'random resized crop, area {tuple(probe.crop_area)}'
-    augmentation += ' + horizontal flip' if probe.flip else ''
+  augmented = mode == 'augmented'
   return Protocol(
       mode=mode, epochs=float(probe.epochs), steps=optim.train_steps(num_examples, probe),
       batch_size=int(probe.batch_size), base_lr=float(probe.base_lr),
@@ -65,7 +99,8 @@ def protocol(probe: ml_collections.ConfigDict, num_examples: int,
                                                probe.lr_scaling),
       momentum=float(probe.momentum), nesterov=bool(probe.nesterov),
       weight_decay=float(probe.weight_decay), standardise=bool(probe.standardise),
-      augmentation=augmentation)
+      augmentation=augmentation_text(probe) if augmented else 'none (eval view)',
+      views=views_record(probe) if augmented else {})
 
 
 def keras_momentum(schedule: optax.ScalarOrSchedule, momentum: float, nesterov: bool,
