@@ -33,8 +33,9 @@ def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
 def _nt_xent_local(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
                    axis_name: str | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """NT-Xent for this device's rows; `axis_name` None means the arrays are the whole batch."""
-  z1 = l2_normalize(z1.astype(jnp.float32))
-  z2 = l2_normalize(z2.astype(jnp.float32))
+  # At least float32 (bfloat16 projections are promoted; float64 references stay float64).
+  z1 = l2_normalize(z1.astype(jnp.promote_types(z1.dtype, jnp.float32)))
+  z2 = l2_normalize(z2.astype(jnp.promote_types(z2.dtype, jnp.float32)))
   n_local = z1.shape[0]
   if axis_name is None:
     z1_all, z2_all, offset = z1, z2, 0
@@ -95,9 +96,10 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float,
 
 def probe_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Softmax cross-entropy and accuracy of the probe, ignoring examples labelled -1."""
-  valid = (labels >= 0).astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                                 axis=-1)
+  valid = (labels >= 0).astype(log_probs.dtype)
   safe = jnp.maximum(labels, 0)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
   count = jnp.maximum(jnp.sum(valid), 1.0)
   loss = jnp.sum(nll * valid) / count

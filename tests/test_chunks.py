@@ -3,6 +3,11 @@
 References are independent whole-batch functions: chunks=1 against a step built from the
 unchanged `compute_grads`; chunks=k against `jax.grad` of one function that applies the model to
 each chunk separately (ghost BN), concatenates z and takes the loss over all of it.
+
+Everything here runs in float64 (numerics.float64): the chunked step and its reference sum in
+different orders, and in float32 their gradients differ by ~1e-5 relative, an amount that
+depends on the CPU's kernels; in float64 the same maths agrees to numerics.F64_RTOL on any CPU.
+The programs are the same code at another dtype.
 """
 import re
 
@@ -12,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+import numerics
 from configs import base
 from simclr_jax import grad_cache, losses, parallel
 from simclr_jax import train_step as ts
@@ -34,11 +40,11 @@ def _grads_recorder() -> optax.GradientTransformation:
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
-  img = rng.random((GLOBAL_BATCH, *IMAGE), np.float32)
+  img = rng.random((GLOBAL_BATCH, *IMAGE))
   labels = rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)
   labels[::5] = -1  # unlabelled examples: the probe's mean is over the labelled ones only
-  return {'view1': img, 'view2': np.clip(img + 0.1 * rng.normal(size=img.shape), 0, 1).astype(
-      np.float32), 'label': labels}
+  return {'view1': img, 'view2': np.clip(img + 0.1 * rng.normal(size=img.shape), 0, 1),
+          'label': labels}
 
 
 def _chunk_rows(devices, chunks):
@@ -47,18 +53,6 @@ def _chunk_rows(devices, chunks):
   m = per_device // chunks
   return [np.concatenate([d * per_device + c * m + np.arange(m) for d in range(devices)])
           for c in range(chunks)]
-
-
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
-
-
-def _assert_trees_close(a, b, tol):
-  la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for (path, x), y in zip(la, lb):
-    assert _rel_err(x, y) <= tol, (jax.tree_util.keystr(path), _rel_err(x, y))
 
 
 def _ghost_bn_reference(model, params, batch_stats, batch, devices, chunks):
@@ -90,9 +84,9 @@ def _ghost_bn_reference(model, params, batch_stats, batch, devices, chunks):
 def _setup(mesh, chunks, loops):
   cfg = base.get_config()
   cfg.model.width = 1 / 16
-  model = simclr.from_config(cfg.model, num_classes=10)
+  model = numerics.float64_model(simclr.from_config(cfg.model, num_classes=10))
   tx = _grads_recorder()
-  state = jax.device_get(ts.init_state(model, tx, jax.random.key(0), IMAGE, mesh))
+  state = numerics.to_float64(ts.init_state(model, tx, jax.random.key(0), IMAGE, mesh))
   step = ts.make_train_step(model, tx, LEARNING_RATE, TEMPERATURE, mesh, chunks=chunks)
   batch = parallel.host_batch_to_global(_batch(), mesh)
   with pytest.MonkeyPatch.context() as patch:
@@ -102,8 +96,15 @@ def _setup(mesh, chunks, loops):
   return model, tx, state, batch, compiled
 
 
+@pytest.fixture(scope='module', autouse=True)
+def x64():
+  """float64 for the whole module: the compiled steps take and return float64 arrays."""
+  with numerics.float64():
+    yield
+
+
 @pytest.fixture(scope='module')
-def steps(devices):
+def steps(devices, x64):
   """{(devices, chunks, loops): (mesh, model, tx, host state, batch, compiled step)}."""
   out = {}
   for n, chunks, loops in [(1, 1, False), (1, CHUNKS[1], True), (8, CHUNKS[8], True),
@@ -132,7 +133,7 @@ def test_one_chunk_is_the_unchunked_step_bit_for_bit(steps):
   new, metrics = _run(steps[1, 1, False])
   ref, ref_metrics = jax.device_get(jax.jit(unchunked_step)(parallel.replicate(state, mesh),
                                                             batch))
-  _assert_trees_close(new, ref, tol=0)
+  numerics.assert_trees_close(new, ref, rtol=0)
   for k, v in ref_metrics.items():
     assert metrics[k] == v, k
 
@@ -144,20 +145,21 @@ def test_chunked_step_gradients_equal_whole_batch_ghost_bn(steps, num_devices):
   new, metrics = _run(steps[num_devices, chunks, True])
   grads, ref_metrics, ref_stats = _ghost_bn_reference(model, state.params, state.batch_stats,
                                                       _batch(), num_devices, chunks)
-  _assert_trees_close(new.opt_state, grads, tol=1e-5)  # the recorder's state is the gradient
-  _assert_trees_close(new.batch_stats, ref_stats, tol=1e-5)
+  rtol = numerics.F64_RTOL
+  numerics.assert_trees_close(new.opt_state, grads, rtol)  # the recorder's state is the gradient
+  numerics.assert_trees_close(new.batch_stats, ref_stats, rtol)
   for k, v in ref_metrics.items():
-    assert _rel_err(metrics[k], v) < 1e-5, (k, metrics[k], v)
+    assert numerics.rel_err(metrics[k], v) <= rtol, (k, metrics[k], v)
   # Chunking changes the gradient (BN per chunk): the comparison can tell the two apart.
   unchunked, _ = _run(steps[1, 1, False])
-  assert _rel_err(unchunked.opt_state['encoder']['stem_conv']['kernel'],
-                  grads['encoder']['stem_conv']['kernel']) > 1e-3
+  assert numerics.rel_err(unchunked.opt_state['encoder']['stem_conv']['kernel'],
+                          grads['encoder']['stem_conv']['kernel']) > 1e-3
 
 
 def test_unrolled_chunks_on_cpu_equal_the_loops(steps):
   loops = _run(steps[8, CHUNKS[8], True])
   unrolled = _run(steps[8, CHUNKS[8], False])
-  _assert_trees_close(unrolled, loops, tol=1e-5)
+  numerics.assert_trees_close(unrolled, loops, numerics.F64_RTOL)
 
 
 def test_running_statistics_take_the_mean_of_the_chunks_statistics(steps):
@@ -188,10 +190,12 @@ def test_running_statistics_take_the_mean_of_the_chunks_statistics(steps):
   got = new.batch_stats['encoder']['stem_bn']
   want_var = 0.9 * old['var'] + 0.1 * np.mean(variances, 0)
   whole_batch = 0.9 * old['var'] + 0.1 * np.concatenate(outputs).var((0, 1, 2))
-  assert np.all(np.abs(whole_batch - want_var) > 1e-3 * want_var)  # 10x the tolerance below
+  assert np.all(np.abs(whole_batch - want_var) > 1e-3 * want_var)  # far above the bound below
+  # The running mean starts at 0: an absolute floor at float64 rounding of O(1) values.
+  rtol, atol = numerics.F64_RTOL, numerics.F64_RTOL * np.abs(np.mean(means, 0)).max()
   np.testing.assert_allclose(got['mean'], 0.9 * old['mean'] + 0.1 * np.mean(means, 0),
-                             rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(got['var'], want_var, rtol=1e-4, atol=1e-7)
+                             rtol=rtol, atol=atol)
+  np.testing.assert_allclose(got['var'], want_var, rtol=rtol)
 
 
 def test_peak_temporary_memory_falls_with_the_chunk_count(steps):
@@ -209,10 +213,10 @@ def test_chunks_are_local_rows(steps, loops):
   assert 'all-to-all' not in hlo and 'collective-permute' not in hlo
   # z1 and z2: [N, proj_dim].
   gathers = set(re.findall(r'= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(', hlo))
-  assert gathers == {f'f32[{GLOBAL_BATCH},128]'}, gathers
+  assert gathers == {f'f64[{GLOBAL_BATCH},128]'}, gathers  # float64: see the module docstring
   assert bool(re.search(r'\bwhile\(', hlo)) == loops
   n_local = GLOBAL_BATCH // 8
-  assert f'f32[{2 * n_local},{2 * GLOBAL_BATCH}]' in hlo
+  assert f'f64[{2 * n_local},{2 * GLOBAL_BATCH}]' in hlo
 
 
 def test_chunks_must_divide_the_per_device_batch():

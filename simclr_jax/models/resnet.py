@@ -127,7 +127,13 @@ class ResNet(nn.Module):
                       name=f'stage{stage + 1}_block{i + 1}')(x)
       if not trained:
         x = jax.lax.stop_gradient(x)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    return jnp.mean(x, axis=(1, 2)).astype(output_dtype(self.dtype))
+
+
+def output_dtype(compute_dtype: Any) -> Any:
+  """What the network hands on (h, z, logits): at least float32, so bfloat16 compute feeds the
+  loss float32, while float64 (the tests' exact references) stays float64, as flax's BN does."""
+  return jnp.promote_types(compute_dtype, jnp.float32)
 
 
 def feature_dim(depth: int, width: float) -> int:

@@ -42,7 +42,7 @@ class ProjectionHead(nn.Module):
                        use_fast_variance=False, name=f'bn{i}')(x)
       if not last:
         x = nn.relu(x)
-    return x.astype(jnp.float32)
+    return x.astype(resnet.output_dtype(self.dtype))
 
 
 class SimCLR(nn.Module):
@@ -67,7 +67,8 @@ class SimCLR(nn.Module):
     if self.num_classes:
       # The official SupervisedHead: LinearLayer(num_classes), a dense layer with bias (zeros)
       # and an N(0, 0.01^2) kernel, on a stopped gradient: it reads h, never shapes it.
-      out['probe_logits'] = nn.Dense(self.num_classes, kernel_init=_HEAD_INIT, dtype=jnp.float32,
+      out['probe_logits'] = nn.Dense(self.num_classes, kernel_init=_HEAD_INIT,
+                                     dtype=resnet.output_dtype(self.dtype),
                                      name='probe')(jax.lax.stop_gradient(h))
     return out
 
