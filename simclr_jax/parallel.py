@@ -45,12 +45,16 @@ def set_cpu_devices(batch_size: int, requested: int = 0) -> None:
   CPU_XLA_FLAGS to XLA_FLAGS unless the user set that flag.
   """
   flags = os.environ.get('XLA_FLAGS', '')
-  if _YNN_FLAG not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {CPU_XLA_FLAGS}'.strip()
+  os.environ['XLA_FLAGS'] = with_cpu_flags(flags)
   if _CPU_DEVICE_FLAG in flags:
     return
   jax.config.update('jax_num_cpu_devices',
                     cpu_device_count(os.cpu_count() or 1, batch_size, requested))
+
+
+def with_cpu_flags(xla_flags: str) -> str:
+  """`xla_flags` (an XLA_FLAGS value) plus CPU_XLA_FLAGS, unless it sets that flag itself."""
+  return xla_flags if _YNN_FLAG in xla_flags else f'{xla_flags} {CPU_XLA_FLAGS}'.strip()
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -5,11 +5,12 @@ importing simclr_jax.parallel here for its flags is early enough.
 """
 import os
 
-from simclr_jax.parallel import CPU_XLA_FLAGS
+from simclr_jax.parallel import with_cpu_flags
 
-# 8 devices, and the XLA:CPU flags a CPU-only run of the jobs gets (parallel.set_cpu_devices).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}').strip()
+# 8 devices, and the XLA:CPU flags a CPU-only run of the jobs gets (parallel.set_cpu_devices);
+# an XLA_FLAGS that sets those flags itself keeps its own (to test another CPU code path).
+os.environ['XLA_FLAGS'] = with_cpu_flags(
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

@@ -66,7 +66,9 @@ def uninterrupted(tmp_path_factory, cache):
   return workdir, out
 
 
-def test_outputs_exist_and_loss_falls(uninterrupted):
+def test_outputs_exist(uninterrupted):
+  """What a run writes. Whether 24 steps lower the loss is left to rounding (it moved by 0.3
+  either way between two x86 CPUs); learning is shown on a fixed batch (test_train_step)."""
   workdir, out = uninterrupted
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(STEPS)))
   config = json.load(open(os.path.join(workdir, 'config.json')))
@@ -77,8 +79,7 @@ def test_outputs_exist_and_loss_falls(uninterrupted):
               'grad_norm', 'images_per_sec', 'step_time'):
     assert key in rows[-1], key
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents*'))
-  losses = [r['loss'] for r in rows]
-  assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
+  assert all(np.isfinite(r['loss']) and np.isfinite(r['grad_norm']) for r in rows), rows
   assert f'step {STEPS}/{STEPS}' in out and 'Done:' in out
 
 
