@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import numerics
 import processes
 from configs import base
 from configs import extract as extract_config
@@ -117,6 +118,14 @@ def _reference(model, variables, paths):
       for p in paths])
 
 
+def _assert_rows_close(got, want):
+  """Each row of h within numerics.FEATURE_RTOL of its own: the job's program and the reference
+  (or another device layout) are different float32 programs; a row out of place moves by O(1)."""
+  assert got.shape == want.shape
+  err = max(numerics.rel_err(a, b) for a, b in zip(got, want))
+  assert err <= numerics.FEATURE_RTOL, err
+
+
 def _read(workdir):
   names = os.listdir(workdir)
   out = {n.split('.')[0]: np.load(os.path.join(workdir, n)) for n in names if n.endswith('.npy')}
@@ -145,8 +154,7 @@ def test_class_folder_every_image_once_in_order(class_run, pretrain, folders):
   assert out['classes'] == list(CLASSES)
   np.testing.assert_array_equal(out['labels'], np.repeat([0, 1, 2], [4, 5, 6]))
   assert out['features'].dtype == np.float32 and out['features'].shape == (15, 32)
-  np.testing.assert_allclose(out['features'], _reference(model, variables, want_paths),
-                             rtol=1e-5, atol=1e-6)
+  _assert_rows_close(out['features'], _reference(model, variables, want_paths))
   assert (summary['num_images'], summary['num_skipped']) == (15, 1)
   assert 'ids' not in out
 
@@ -157,8 +165,7 @@ def test_plain_folder_has_no_labels(pretrain, folders, tmp_path):
   out = _read(str(tmp_path))
   assert 'labels' not in out and 'classes' not in out
   assert out['paths'] == [os.path.join(folders[1], f'img{i}.png') for i in range(7)]
-  np.testing.assert_allclose(out['features'], _reference(model, variables, out['paths']),
-                             rtol=1e-5, atol=1e-6)
+  _assert_rows_close(out['features'], _reference(model, variables, out['paths']))
 
 
 def test_pretraining_split_by_default(pretrain, tmp_path):
@@ -217,4 +224,4 @@ def test_two_processes_same_as_one(class_run, pretrain, folders, tmp_path):
   two, one = _read(str(tmp_path)), _read(class_run[0])
   assert two['paths'] == one['paths'] and two['classes'] == one['classes']
   np.testing.assert_array_equal(two['labels'], one['labels'])
-  np.testing.assert_allclose(two['features'], one['features'], rtol=1e-5, atol=1e-6)
+  _assert_rows_close(two['features'], one['features'])  # 2 processes x 2 devices against 8

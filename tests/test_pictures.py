@@ -55,10 +55,12 @@ def test_per_class_accuracy_matches_numpy():
   want = {str(c): float(np.mean(pred[labels == c] == c)) for c in range(4)}
   assert got.keys() == want.keys()
   for c in want:
+    # The same count over the same n in float64: pytest's default rel 1e-6 covers the division.
     assert got[c] == pytest.approx(want[c])
   # The count-weighted mean is the overall top-1 of features.topk_accuracy.
   counts = np.bincount(labels)
   mean = sum(got[str(c)] * counts[c] for c in range(4)) / len(labels)
+  # ~10 float64 roundings (~1e-15) of the same counts, under pytest's default rel 1e-6.
   assert mean == pytest.approx(features.topk_accuracy(logits, labels)['top1'])
   named = features.per_class_accuracy(logits, labels, class_names=list('abcde'))
   assert list(named) == list('abcd')
