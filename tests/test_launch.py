@@ -173,6 +173,7 @@ def _check_figures(out, devices, kind):
   mem = figures['memory_per_device_bytes']
   assert mem['argument'] >= 4 * figures['params'] > 0  # float32 parameters, at least
   assert mem['total'] >= mem['argument'] and mem['temp'] > 0
+  # The step's FLOPs are the device's times the device count: one float rounding, approx's 1e-6.
   assert figures['flops_per_step'] == pytest.approx(figures['flops_per_device'] * devices)
   assert figures['flops_per_device'] > 0
   return figures

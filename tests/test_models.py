@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numerics
 from configs import base
 from simclr_jax.models import resnet, simclr
 
@@ -128,12 +129,19 @@ def test_batch_norm_momentum_and_epsilon(tiny):
   x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 8, 8, 3)).astype(np.float32))
   stem_kernel = np.asarray(variables['params']['encoder']['stem_conv']['kernel'])
   _, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=['batch_stats']))(variables)
-  conv = jax.lax.conv_general_dilated(x, stem_kernel, (1, 1), 'SAME',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  conv = np.asarray(conv, np.float64)
-  mean, var = conv.mean((0, 1, 2)), conv.var((0, 1, 2))
+  conv = lambda a, k: np.asarray(jax.lax.conv_general_dilated(
+      a, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')), np.float64)
+  out, mags = conv(x, stem_kernel), conv(jnp.abs(x), np.abs(stem_kernel))  # mags: sum |w·x|.
+  mean, var = out.mean((0, 1, 2)), out.var((0, 1, 2))
   bs = updates['batch_stats']['encoder']['stem_bn']
-  np.testing.assert_allclose(bs['mean'], 0.1 * mean, rtol=1e-4, atol=1e-6)
+  # Each side sums the 27 products of an output in its own order, and the model averages 384
+  # outputs in float32: 0.1·(sum_rtol(27)·mean sum|w·x| + sum_rtol(384)·mean|out|) <= 4.4e-6.
+  # Momentum 0.99 would move the running mean by 0.09·|mean| >= 1.6e-3.
+  mean_atol = 0.1 * (numerics.sum_rtol(27) * mags.mean((0, 1, 2))
+                     + numerics.sum_rtol(384) * np.abs(out).mean((0, 1, 2))).max()
+  np.testing.assert_allclose(bs['mean'], 0.1 * mean, rtol=0, atol=mean_atol)
+  # The same sums for the mean of 384 squares: <= 6e-6, a sixteenth of rtol 1e-4 of ~1; the
+  # unbiased variance (ddof=1) would move it by 0.1·var/383 >= 1.6e-4.
   np.testing.assert_allclose(bs['var'], 0.9 * 1.0 + 0.1 * var, rtol=1e-4)
   assert resnet.BN_EPSILON == 1e-5
 
@@ -175,8 +183,9 @@ def test_probe_is_the_official_supervised_head(tiny):
   np.testing.assert_array_equal(probe['bias'], np.zeros(10))
   kernel = np.asarray(probe['kernel'])
   assert kernel.shape == (resnet.feature_dim(18, 1 / 16), 10)
-  # 320 draws: the sample std is within ~4% of 0.01 (one sigma); flax's default initialiser
-  # would give 1/sqrt(32) = 0.18.
+  # 320 draws (threefry: the same on every CPU): the sample std's sd is 1/sqrt(640) = 3.96% of
+  # 0.01, so +-15% is 3.8 sigma; the mean's se is 0.01/sqrt(320) = 5.6e-4, so 2e-3 is 3.6 sigma.
+  # flax's default initialiser would give 1/sqrt(32) = 0.18.
   assert 0.0085 < kernel.std() < 0.0115 and abs(kernel.mean()) < 2e-3
 
 
@@ -208,15 +217,19 @@ def _loss_and_grads(model, variables, x):
 
 
 def test_remat_gives_the_same_outputs_gradients_and_statistics(tiny):
+  """In float64: XLA may fuse the recomputation differently, and float32 rounding amplified
+  through BN's backward would sit near 1e-5; float64's sits near 1e-14, far below F64_RTOL, which
+  is far below the >= 1e-2 that recomputing with other statistics or inputs makes."""
   # The tiny SimCLR's encoder: ResNet-18 at width 1/16 with the CIFAR stem.
-  variables = {k: v['encoder'] for k, v in tiny[1].items()}
-  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 3)).astype(np.float32))
-  plain = resnet.ResNet(18, 1 / 16, cifar_stem=True, conv_impl='im2col')
-  want = _loss_and_grads(plain, variables, x)
-  got = _loss_and_grads(plain.clone(remat=True), variables, x)
+  variables = numerics.to_float64({k: v['encoder'] for k, v in tiny[1].items()})
+  x = np.random.default_rng(5).normal(size=(4, 8, 8, 3))
+  plain = numerics.float64_model(resnet.ResNet(18, 1 / 16, cifar_stem=True, conv_impl='im2col'))
+  with numerics.float64():
+    want = _loss_and_grads(plain, variables, x)
+    got = _loss_and_grads(plain.clone(remat=True), variables, x)
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  assert all(leaf.dtype == np.float64 for leaf in jax.tree.leaves(got))
+  numerics.assert_trees_close(got, want, numerics.F64_RTOL)
 
 
 def test_remat_keeps_only_block_inputs_for_the_backward_pass():
