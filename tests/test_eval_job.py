@@ -89,9 +89,13 @@ def pretrain(tmp_path_factory, mesh):
 
 
 def _eval_config(pretrain_workdir, **probe):
-  """The default (official) evaluation, shortened: 3 epochs of 64 (68 steps), peak lr 0.5."""
+  """The official evaluation at CIFAR size, shortened: 3 epochs of 64 (68 steps), peak lr 0.5.
+
+  The demo digits stand in for a data set here: preset 'cifar', not the demo's own ('auto').
+  """
   c = linear_eval.get_config()
   c.pretrain_workdir = pretrain_workdir
+  c.probe.preset = 'cifar'
   c.eval_batch_size = 64  # 360 = 5 * 64 + 40: the last test batch is padded
   c.probe.epochs = 3.0
   c.probe.batch_size = 64  # = eval_batch_size: the probe's forward reuses the eval compile
@@ -237,19 +241,23 @@ def test_cached_probe_with_standardisation(pretrain, results, tmp_path):
 
 def _sized(image_size):
   cfg = _pretrain_config()
-  cfg.data.image_size = image_size
+  cfg.data.source, cfg.data.image_size = 'tfds', image_size
   return cfg
 
 
-def test_presets_follow_the_pretraining_image_size():
+def test_presets_follow_the_pretraining_image_size_and_the_demo_has_its_own():
   probe = linear_eval.get_config().probe
-  assert probe.mode == 'augmented' and not probe.standardise and probe.base_lr == 0.1
+  assert probe.mode == 'augmented' and probe.standardise is None and probe.base_lr == 0.1
   small = evaluate.resolve_probe(probe, _sized(32))
   large = evaluate.resolve_probe(probe, _sized(224))
-  assert (small.preset, small.epochs, small.batch_size, small.weight_decay) == (
-      'cifar', 100.0, 512, 0.0)
-  assert (large.preset, large.epochs, large.batch_size, large.weight_decay) == (
-      'imagenet', 90.0, 4096, 1e-6)
+  assert (small.preset, small.epochs, small.batch_size, small.weight_decay,
+          small.standardise) == ('cifar', 100.0, 512, 0.0, False)
+  assert (large.preset, large.epochs, large.batch_size, large.weight_decay,
+          large.standardise) == ('imagenet', 90.0, 4096, 1e-6, False)
+  # The bundled digits at 16 px: not the CIFAR preset but the demo's.
+  digits = evaluate.resolve_probe(probe, demo.get_config())
+  assert (digits.preset, digits.epochs, digits.batch_size, digits.weight_decay,
+          digits.standardise) == ('demo', 100.0, 128, 0.0, True)
   probe.batch_size, probe.preset = 256, 'imagenet'  # explicit values win over the preset
   chosen = evaluate.resolve_probe(probe, _sized(32))
   assert (chosen.preset, chosen.epochs, chosen.batch_size) == ('imagenet', 90.0, 256)
@@ -264,18 +272,19 @@ def test_probe_views_follow_the_pretraining_recipe():
   for recipe in (cifar10.get_config(), imagenet.get_config()):
     official = evaluate.resolve_probe(probe, recipe)
     assert (official.crop_area, official.flip) == ((0.08, 1.0), True)
-  # The demo pretrains without flips, on crops of at least a quarter: so is it probed.
-  views = evaluate.resolve_probe(probe, demo.get_config())
-  assert (views.crop_area, views.flip) == ((0.25, 1.0), False)
-  assert linear_probe.protocol(views, 100).views == {
-      'crop_area': [0.25, 1.0], 'flip': False,
-      'from': {'crop_area': 'pretraining augment.crop_area', 'flip': 'pretraining augment.flip'}}
-  probe.crop_area = (0.5, 1.0)  # a value in the evaluation config wins
+  # The demo pretrains without flips, on crops of at least half the image: so is it probed.
   views = evaluate.resolve_probe(probe, demo.get_config())
   assert (views.crop_area, views.flip) == ((0.5, 1.0), False)
+  assert linear_probe.protocol(views, 100).views == {
+      'crop_area': [0.5, 1.0], 'flip': False,
+      'from': {'crop_area': 'pretraining augment.crop_area', 'flip': 'pretraining augment.flip'}}
+  probe.crop_area = (0.75, 1.0)  # a value in the evaluation config wins
+  views = evaluate.resolve_probe(probe, demo.get_config())
+  assert (views.crop_area, views.flip) == ((0.75, 1.0), False)
   assert views.views_from.to_dict() == {'crop_area': 'evaluation config',
                                         'flip': 'pretraining augment.flip'}
-  assert linear_probe.protocol(views, 100).augmentation == 'random resized crop, area (0.5, 1.0)'
+  assert linear_probe.protocol(views, 100).augmentation == (
+      'random resized crop, area (0.75, 1.0)')
 
 
 def test_augmented_stream_draws_the_pretraining_views(pretrain, mesh):

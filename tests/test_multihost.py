@@ -276,7 +276,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(tmp_p
   procs = _start_two(tmp_path, STOP_RUN)
   _wait_for_checkpoint(tmp_path, procs)
   procs[1].send_signal(signal.SIGTERM)  # a scheduler preempting one host only
-  outs = _outputs(procs, 120)  # both hung until SIGKILL when only process 1 stopped
+  outs = _outputs(procs, 300)  # both hung until SIGKILL when only process 1 stopped
   stopped = []
   for p, out in zip(procs, outs):
     assert p.returncode == 3, out[-3000:]

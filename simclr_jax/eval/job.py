@@ -33,7 +33,8 @@ FEATURES = ('h', 'z')
 PROBE_MODES = ('augmented', 'cached')
 LR_SCALINGS = ('linear', 'sqrt')
 # The official code's CIFAR-size rule (tf2/data.py: `if FLAGS.image_size <= 32: test_crop =
-# False`): probe.preset='auto' takes probe.presets.cifar at this size or below, else imagenet.
+# False`): probe.preset='auto' takes probe.presets.cifar at this size or below, else imagenet
+# (and probe.presets.demo for the bundled digits: see configs/linear_eval.py).
 CIFAR_MAX_SIZE = 32
 
 
@@ -91,11 +92,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def resolve_probe(probe: ml_collections.ConfigDict,
                   pretrain_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.probe with its unset keys (None) from probe.presets[preset] ('auto': by the
-  pretraining image size) and its views from the pretraining run (linear_probe.resolve_views)."""
+  """config.probe with its unset keys (None) from probe.presets[preset] ('auto': 'demo' for the
+  demo source, else by the pretraining image size) and its views from the pretraining run
+  (linear_probe.resolve_views)."""
   name = probe.preset
   if name == 'auto':
-    name = 'cifar' if pretrain_config.data.image_size <= CIFAR_MAX_SIZE else 'imagenet'
+    if pretrain_config.data.source == 'demo':
+      name = 'demo'
+    else:
+      name = 'cifar' if pretrain_config.data.image_size <= CIFAR_MAX_SIZE else 'imagenet'
   if name not in probe.presets:
     raise ConfigError(f'config.probe.preset={probe.preset!r}: there is no config.probe.presets.'
                       f'{name}; use auto or one of {sorted(probe.presets)}.')
