@@ -30,7 +30,12 @@ from simclr_jax.models import simclr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=8',
+# 16 px, not 8: at initialisation every block's last BN scale is 0, so the encoder is the stem
+# followed by the 1x1 stride-2 projection shortcuts, and at 8 px h depends on one pixel of the
+# stem (rank 1 over the batch, a black corner on digits). The first gradient is then zero in
+# exact arithmetic (float64: 1e-13) and a float32 one is its rounding noise, different for every
+# reduction order, which the momentum carries into every later step. At 16 px h has full rank.
+TINY = ['--config=configs/demo.py', '--config.model.width=0.0625', '--config.data.image_size=16',
         '--config.train.batch_size=32', f'--config.train.steps={STEPS}',
         '--config.train.log_every_steps=2', '--config.train.checkpoint_every_steps=2',
         '--config.train.keep_checkpoints=10', '--config.optim.warmup_epochs=0.5']
