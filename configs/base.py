@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   # device memory on GPU/TPU for about one more forward pass of compute (XLA:CPU merges the
   # recomputation back into the forward pass, so there it saves nothing).
   c.model.remat = False
+  # SimCLRv2 (official --sk_ratio / --se_ratio, default 0 = off): selective-kernel bottlenecks
+  # with the ResNet-D stem and shortcuts (the published SK models: 0.0625), squeeze-excitation.
+  c.model.sk_ratio = 0.0
+  c.model.se_ratio = 0.0
 
   # --- loss -----------------------------------------------------------------------------------
   # Official objective: the mean over the N examples of the two directions' NT-Xent summed

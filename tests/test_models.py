@@ -21,13 +21,23 @@ _ARCH = {18: ('basic', [2, 2, 2, 2]), 34: ('basic', [3, 4, 6, 3]),
          152: ('bottleneck', [3, 8, 36, 3]), 200: ('bottleneck', [3, 24, 36, 3])}
 
 
-def _closed_form_count(depth: int, base: int = 64, cifar_stem: bool = False) -> int:
+def _closed_form_count(depth: int, base: int = 64, cifar_stem: bool = False, sk: float = 0.0,
+                       se: float = 0.0) -> int:
   """Parameters counted from the architecture: bias-free convolutions, BN gamma + beta, and a
-  projection shortcut (1x1 convolution + BN) on the first block of every stage."""
+  projection shortcut (1x1 convolution + BN) on the first block of every stage. With `sk`:
+  the ResNet-D stem (3x3 convolutions to base/2, base/2, base) and, in bottleneck blocks, the
+  SK 3x3 (to two streams, BN over both) with its mixing 1x1s (to max(int(f * sk), 32), BN, to
+  2f); average pooling has none. With `se`: two 1x1 convolutions with biases per block,
+  out → r → out with r = max(1, int(f * se)) (f, the block's base width, sets only r)."""
   kind, blocks = _ARCH[depth]
   conv = lambda k, cin, cout: k * k * cin * cout  # noqa: E731
   bn = lambda c: 2 * c  # noqa: E731
-  total = conv(3 if cifar_stem else 7, 3, base) + bn(base)
+  if sk and not cifar_stem:
+    half = base // 2
+    total = conv(3, 3, half) + bn(half) + conv(3, half, half) + bn(half) + conv(3, half, base)
+    total += bn(base)
+  else:
+    total = conv(3 if cifar_stem else 7, 3, base) + bn(base)
   cin = base
   for stage, n in enumerate(blocks):
     f = base * 2**stage
@@ -35,10 +45,17 @@ def _closed_form_count(depth: int, base: int = 64, cifar_stem: bool = False) -> 
     for i in range(n):
       if kind == 'basic':
         total += conv(3, cin, f) + bn(f) + conv(3, f, f) + bn(f)
+      elif sk:
+        mid = max(int(f * sk), 32)
+        total += conv(1, cin, f) + bn(f) + conv(3, f, 2 * f) + bn(2 * f)
+        total += conv(1, f, mid) + bn(mid) + conv(1, mid, 2 * f) + conv(1, f, out) + bn(out)
       else:
         total += conv(1, cin, f) + bn(f) + conv(3, f, f) + bn(f) + conv(1, f, out) + bn(out)
       if i == 0:
         total += conv(1, cin, out) + bn(out)
+      if se:
+        r = max(1, int(f * se))
+        total += out * r + r + r * out + out
       cin = out
   return total
 
@@ -48,6 +65,34 @@ def test_parameter_counts_match_the_architecture(depth):
   assert _param_count(resnet.ResNet(depth, 1.0)) == _closed_form_count(depth)
   assert _param_count(resnet.ResNet(depth, 0.25, cifar_stem=True), (1, 32, 32, 3)) == \
       _closed_form_count(depth, 16, cifar_stem=True)
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+@pytest.mark.parametrize('sk, se', [(0.0625, 0.0), (0.0, 0.25), (0.0625, 0.25)])
+def test_sk_and_se_parameter_counts_match_the_architecture(depth, sk, se):
+  model = resnet.ResNet(depth, 1.0, sk_ratio=sk, se_ratio=se)
+  assert _param_count(model) == _closed_form_count(depth, sk=sk, se=se)
+  model = resnet.ResNet(depth, 0.25, cifar_stem=True, sk_ratio=sk, se_ratio=se)
+  assert _param_count(model, (1, 32, 32, 3)) == _closed_form_count(depth, 16, True, sk, se)
+
+
+# The official README's table of the published SimCLRv2 encoders: (depth, width, SK) → millions
+# of parameters, rounded to 1M. Two R152-2x rows are 0.6M and 0.75M above our count (233 for
+# 232.25, 354 for 353.40) where every other row is the count rounded; 1M is the table's own
+# resolution. A missing stream, mixing bottleneck or stem convolution moves a count by more.
+PUBLISHED_M = {(50, 1, False): 24, (50, 1, True): 35, (50, 2, False): 94, (50, 2, True): 140,
+               (101, 1, False): 43, (101, 1, True): 65, (101, 2, False): 170,
+               (101, 2, True): 257, (152, 1, False): 58, (152, 1, True): 89,
+               (152, 2, False): 233, (152, 2, True): 354, (152, 3, True): 795}
+
+
+@pytest.mark.parametrize('arch', sorted(PUBLISHED_M))
+def test_published_simclr_v2_encoders_have_the_published_sizes(arch):
+  depth, width, sk = arch
+  count = _closed_form_count(depth, 64 * width, sk=0.0625 if sk else 0.0)
+  assert abs(count / 1e6 - PUBLISHED_M[arch]) < 1.0, count
+  if depth == 50:  # the model itself, where tracing it is cheap
+    assert _param_count(resnet.ResNet(depth, width, sk_ratio=0.0625 if sk else 0.0)) == count
 
 
 def test_resnet50_and_18_parameter_counts():

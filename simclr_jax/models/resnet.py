@@ -7,6 +7,17 @@ the first block of every stage (`BlockGroup`'s `use_projection=True`), whether o
 changes; the stem's max-pool is 3x3 stride 2 'SAME'. BN momentum 0.9 and epsilon 1e-5; the last
 BN of every residual block starts with gamma = 0 so each block starts as an identity, which the
 SimCLR paper's large-batch LARS training relies on.
+
+SimCLRv2's options, as the official code switches them on:
+- `sk_ratio` > 0: selective-kernel 3x3 convolutions in bottleneck blocks (`SKConv`), and the
+  ResNet-D changes the official code ties to the same flag: a stem of three 3x3 convolutions
+  (widths w/2, w/2, w; the first strided) instead of the 7x7, and projection shortcuts that
+  average-pool 2x2 (strided blocks: pad 0 before, 1 after, then VALID; others: 'SAME' with
+  padding left out of the mean) before a stride-1 1x1 convolution. Basic blocks keep their 3x3
+  convolutions and get only the shortcut.
+- `se_ratio` > 0: squeeze-excitation (`SqueezeExcite`) on every block's residual branch after
+  its last BN, squeezing to max(1, int(filters * se_ratio)) channels, where filters is the
+  block's base width (not 4x for bottleneck blocks).
 """
 import functools
 from typing import Any, Sequence
@@ -32,6 +43,59 @@ STAGES: dict[int, tuple[str, Sequence[int]]] = {
 }
 
 
+# Official SK_Conv2D's floor on the width of its mixing bottleneck (`min_dim=32`).
+SK_MIN_DIM = 32
+
+
+class SKConv(nn.Module):
+  """Selective-kernel 3x3 convolution + BN + ReLU (official `SK_Conv2D`).
+
+  One 3x3 convolution makes two streams of `filters` channels each (BN + ReLU over both); a
+  global-pooled summary of their sum goes through a 1x1 bottleneck (BN + ReLU) and a 1x1
+  convolution to two logits per channel, whose softmax over the streams weighs them.
+  """
+  filters: int
+  strides: int
+  sk_ratio: float
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    y = nn.relu(self.norm(name='bn')(self.conv(2 * self.filters, 3, self.strides,
+                                               name='conv')(x)))
+    streams = jnp.stack(jnp.split(y, 2, axis=-1))  # [2, N, H, W, filters]
+    summary = jnp.mean(jnp.sum(streams, axis=0), axis=(1, 2), keepdims=True)
+    mid = max(int(self.filters * self.sk_ratio), SK_MIN_DIM)
+    summary = nn.relu(self.norm(name='mix_bn')(self.conv(mid, 1, name='mix_conv0')(summary)))
+    mixing = self.conv(2 * self.filters, 1, name='mix_conv1')(summary)
+    mixing = jax.nn.softmax(jnp.stack(jnp.split(mixing, 2, axis=-1)), axis=0)
+    return jnp.sum(streams * mixing, axis=0)
+
+
+class SqueezeExcite(nn.Module):
+  """Official `SE_Layer`: x * sigmoid(expand(relu(reduce(mean over H, W of x)))), 1x1 convs
+  with biases; `reduced` channels in the middle, x's channels out."""
+  reduced: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(nn.Conv(self.reduced, (1, 1), dtype=self.dtype, name='reduce')(s))
+    s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name='expand')(s)
+    return jax.nn.sigmoid(s) * x
+
+
+def _resnet_d_pool(x: jnp.ndarray, strides: int) -> jnp.ndarray:
+  """ResNet-D shortcut pooling as official: 2x2 average, strided after padding (0, 1) with
+  zeros that count in the mean; at stride 1 'SAME', the padding left out of the mean."""
+  if strides > 1:
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return nn.avg_pool(x, (2, 2), strides=(strides, strides), padding='VALID')
+  return nn.avg_pool(x, (2, 2), strides=(1, 1), padding='SAME', count_include_pad=False)
+
+
 class _Block(nn.Module):
   """Fields shared by both residual blocks; `conv` and `norm` are module factories."""
   filters: int
@@ -39,13 +103,25 @@ class _Block(nn.Module):
   use_projection: bool
   conv: Any
   norm: Any
+  sk_ratio: float = 0.0
+  se_ratio: float = 0.0
 
   def shortcut(self, x: jnp.ndarray, out_filters: int) -> jnp.ndarray:
-    """x, or on a block with a projection, the official one: 1x1 convolution + BN, no ReLU."""
+    """x, or on a block with a projection, the official one: 1x1 convolution + BN, no ReLU
+    (with sk_ratio > 0, ResNet-D: 2x2 average pooling carries the stride instead)."""
     if not self.use_projection:
       return x
-    return self.norm(name='proj_bn')(
-        self.conv(out_filters, 1, self.strides, name='proj_conv')(x))
+    if self.sk_ratio > 0:
+      x = self.conv(out_filters, 1, name='proj_conv')(_resnet_d_pool(x, self.strides))
+    else:
+      x = self.conv(out_filters, 1, self.strides, name='proj_conv')(x)
+    return self.norm(name='proj_bn')(x)
+
+  def excite(self, y: jnp.ndarray) -> jnp.ndarray:
+    """The residual branch, squeeze-excited when se_ratio > 0."""
+    if self.se_ratio <= 0:
+      return y
+    return SqueezeExcite(max(1, int(self.filters * self.se_ratio)), y.dtype, name='se')(y)
 
 
 class BasicBlock(_Block):
@@ -58,7 +134,7 @@ class BasicBlock(_Block):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, 3)(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    return nn.relu(y + shortcut)
+    return nn.relu(self.excite(y) + shortcut)
 
 
 class BottleneckBlock(_Block):
@@ -69,10 +145,13 @@ class BottleneckBlock(_Block):
     out_filters = 4 * self.filters
     shortcut = self.shortcut(x, out_filters)
     y = nn.relu(self.norm()(self.conv(self.filters, 1)(x)))
-    y = nn.relu(self.norm()(self.conv(self.filters, 3, self.strides)(y)))
+    if self.sk_ratio > 0:
+      y = SKConv(self.filters, self.strides, self.sk_ratio, self.conv, self.norm, name='sk')(y)
+    else:
+      y = nn.relu(self.norm()(self.conv(self.filters, 3, self.strides)(y)))
     y = self.conv(out_filters, 1)(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    return nn.relu(y + shortcut)
+    return nn.relu(self.excite(y) + shortcut)
 
 
 class ResNet(nn.Module):
@@ -88,6 +167,8 @@ class ResNet(nn.Module):
   # Recompute each residual block's activations in the backward pass instead of keeping them
   # (jax.checkpoint): less memory on GPU/TPU, about one more forward pass of compute.
   remat: bool = False
+  sk_ratio: float = 0.0  # SimCLRv2 selective kernels (+ ResNet-D stem and shortcuts); 0: off
+  se_ratio: float = 0.0  # squeeze-excitation; 0: off
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -109,11 +190,16 @@ class ResNet(nn.Module):
     base = max(1, int(round(64 * self.width)))
 
     x = x.astype(self.dtype)
+    stem_trained = self.train_from_stage == 0
     if self.cifar_stem:
+      x = conv(base, 3, name='stem_conv')(x)
+    elif self.sk_ratio > 0:  # ResNet-D stem, as official with sk_ratio > 0
+      for i, strides in enumerate((2, 1)):
+        x = conv(base // 2, 3, strides, name=f'stem_conv{i}')(x)
+        x = nn.relu(norm(stem_trained)(name=f'stem_bn{i}')(x))
       x = conv(base, 3, name='stem_conv')(x)
     else:
       x = conv(base, 7, 2, name='stem_conv')(x)
-    stem_trained = self.train_from_stage == 0
     x = nn.relu(norm(stem_trained)(name='stem_bn')(x))
     if not self.cifar_stem:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
@@ -123,8 +209,8 @@ class ResNet(nn.Module):
       trained = stage + 1 >= self.train_from_stage
       for i in range(num_blocks):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = block_cls(base * 2**stage, strides, i == 0, conv, norm(trained),
-                      name=f'stage{stage + 1}_block{i + 1}')(x)
+        x = block_cls(base * 2**stage, strides, i == 0, conv, norm(trained), self.sk_ratio,
+                      self.se_ratio, name=f'stage{stage + 1}_block{i + 1}')(x)
       if not trained:
         x = jax.lax.stop_gradient(x)
     return jnp.mean(x, axis=(1, 2)).astype(output_dtype(self.dtype))

@@ -56,11 +56,14 @@ class SimCLR(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'  # models/conv.py IMPLS
   remat: bool = False  # jax.checkpoint each residual block
+  sk_ratio: float = 0.0  # resnet.ResNet: SimCLRv2 selective kernels (+ ResNet-D); 0: off
+  se_ratio: float = 0.0  # resnet.ResNet: squeeze-excitation; 0: off
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> dict[str, jnp.ndarray]:
     h = resnet.ResNet(self.depth, self.width, self.cifar_stem, self.dtype,
-                      conv_impl=self.conv_impl, remat=self.remat, name='encoder')(x, train)
+                      conv_impl=self.conv_impl, remat=self.remat, sk_ratio=self.sk_ratio,
+                      se_ratio=self.se_ratio, name='encoder')(x, train)
     z = ProjectionHead(self.num_proj_layers, h.shape[-1], self.proj_dim, self.dtype,
                        name='projection')(h, train)
     out = {'h': h, 'z': z}
@@ -83,11 +86,16 @@ def compute_dtype(model_cfg: ml_collections.ConfigDict) -> Any:
   return DTYPES[model_cfg.dtype]
 
 
-def _conv_impl_and_remat(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """conv_impl ('auto' resolved) and remat; defaults for configs saved before these keys existed
-  (neither changes the parameters)."""
+def _encoder_options(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """conv_impl ('auto' resolved), remat, sk_ratio and se_ratio; defaults for configs saved before
+  these keys existed (the first two never change the parameters; the ratios were 0 then)."""
+  ratios = {k: float(model_cfg.get(k, 0.0)) for k in ('sk_ratio', 'se_ratio')}
+  for key, value in ratios.items():
+    if value < 0:
+      raise ConfigError(f'config.model.{key}={value} must be >= 0 (0: off; the published SK '
+                        'models use sk_ratio=0.0625).')
   return {'conv_impl': conv.resolve_impl(model_cfg.get('conv_impl', 'auto')),
-          'remat': bool(model_cfg.get('remat', False))}
+          'remat': bool(model_cfg.get('remat', False)), **ratios}
 
 
 def encoder_from_config(model_cfg: ml_collections.ConfigDict, **overrides: Any) -> resnet.ResNet:
@@ -96,7 +104,7 @@ def encoder_from_config(model_cfg: ml_collections.ConfigDict, **overrides: Any) 
   `overrides` set other ResNet fields (e.g. train_from_stage for fine-tuning).
   """
   fields = dict(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
-                dtype=compute_dtype(model_cfg), **_conv_impl_and_remat(model_cfg))
+                dtype=compute_dtype(model_cfg), **_encoder_options(model_cfg))
   return resnet.ResNet(**{**fields, **overrides})
 
 
@@ -107,4 +115,4 @@ def from_config(model_cfg: ml_collections.ConfigDict, num_classes: int) -> SimCL
     raise ConfigError(f'config.model.num_proj_layers={model_cfg.num_proj_layers} must be >= 1.')
   return SimCLR(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
                 num_proj_layers=model_cfg.num_proj_layers, proj_dim=model_cfg.proj_dim,
-                num_classes=num_classes, dtype=dtype, **_conv_impl_and_remat(model_cfg))
+                num_classes=num_classes, dtype=dtype, **_encoder_options(model_cfg))
