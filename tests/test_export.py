@@ -271,3 +271,22 @@ def test_config_errors(pretrain, tmp_path):
   config.pretrain_workdir, config.format = pretrain[0], 'onnx'
   with pytest.raises(ConfigError, match='config.format'):
     job.run(config, str(tmp_path))
+
+
+def test_torchvision_export_refuses_selective_kernels(tmp_path):
+  """torchvision's ResNet has no SK or SE layers: the job says so before writing anything."""
+  workdir, out = str(tmp_path / 'pretrain'), tmp_path / 'export'
+  cfg = base.get_config()
+  cfg.model.depth, cfg.model.width, cfg.model.sk_ratio = 50, 0.0625, 0.0625
+  cfg.data.source, cfg.data.image_size, cfg.data.num_classes = 'demo', SIZE, 10
+  variables = _variables(simclr.from_config(cfg.model, 10), SIZE)  # shapes only: no compile
+  mgr = checkpoint.manager(workdir, save_every_steps=1000, keep=3)
+  assert checkpoint.save(mgr, _State(np.int32(STEP), variables['params'],
+                                     variables['batch_stats']), force=True)
+  checkpoint.close(mgr)
+  workdir_lib.write_config(workdir, cfg)
+  config = export_config.get_config()
+  config.pretrain_workdir, config.format = workdir, 'torchvision'
+  with pytest.raises(ConfigError, match=r"sk_ratio=0.0625.*--config.format=savedmodel"):
+    job.run(config, str(out))
+  assert not out.exists() or not any(out.iterdir())

@@ -114,6 +114,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   formats = FORMATS[config.format]
   pretrain_config, model, step, variables = restore(config.pretrain_workdir,
                                                     config.checkpoint_step)
+  if 'torchvision' in formats and (model.sk_ratio > 0 or model.se_ratio > 0):
+    raise ConfigError(
+        f'config.format={config.format!r}: the encoder of {config.pretrain_workdir} has '
+        f'selective kernels or squeeze-excitation (model.sk_ratio={model.sk_ratio}, '
+        f'se_ratio={model.se_ratio}), which torchvision\'s ResNet has no place for; use '
+        "--config.format=savedmodel.")
   size = pretrain_config.data.image_size
   out = epath.Path(workdir)
   torchvision_name = None
