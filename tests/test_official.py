@@ -72,8 +72,8 @@ def imported(request):
 OFFICIAL_RTOL = 1e-5
 
 
-@pytest.mark.parametrize('num_devices', [1, 8])
-@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+# float64 on 1 and 8 devices (the import's promise); float32, the everyday path, on one.
+@pytest.mark.parametrize('num_devices, dtype', [(1, 'float64'), (8, 'float64'), (1, 'float32')])
 def test_imported_model_gives_the_official_outputs(imported, num_devices, dtype, devices):
   name, model, variables, images, want = imported
   rtol = OFFICIAL_RTOL if dtype == 'float64' else numerics.FEATURE_RTOL
