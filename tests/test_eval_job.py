@@ -257,7 +257,7 @@ def test_presets_follow_the_pretraining_image_size_and_the_demo_has_its_own():
   # The bundled digits at 16 px: not the CIFAR preset but the demo's.
   digits = evaluate.resolve_probe(probe, demo.get_config())
   assert (digits.preset, digits.epochs, digits.batch_size, digits.weight_decay,
-          digits.standardise) == ('demo', 100.0, 128, 0.0, True)
+          digits.standardise) == ('demo', 200.0, 128, 0.0, True)
   probe.batch_size, probe.preset = 256, 'imagenet'  # explicit values win over the preset
   chosen = evaluate.resolve_probe(probe, _sized(32))
   assert (chosen.preset, chosen.epochs, chosen.batch_size) == ('imagenet', 90.0, 256)
