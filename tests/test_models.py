@@ -253,6 +253,16 @@ def test_bad_dtype_names_config_key():
     _tiny(dtype='float8')
 
 
+@pytest.mark.parametrize('key', ['sk_ratio', 'se_ratio'])
+def test_negative_sk_or_se_ratio_names_config_key(key):
+  cfg = base.get_config()
+  cfg.model[key] = -0.0625
+  with pytest.raises(ValueError, match=f'config.model.{key}=-0.0625 must be >= 0'):
+    simclr.from_config(cfg.model, 10)
+  with pytest.raises(ValueError, match=f'config.model.{key}'):
+    simclr.encoder_from_config(cfg.model)
+
+
 def _loss_and_grads(model, variables, x):
   def loss(params):
     h, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
