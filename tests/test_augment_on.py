@@ -355,7 +355,7 @@ except SystemExit as e:
   if e.code not in (None, 0):
     raise
 loaded = sorted(m for m, v in sys.modules.items() if m.startswith('tensorflow') and v is not None)
-print('TENSORFLOW MODULES:', loaded)
+print(f'TENSORFLOW MODULES: {loaded}', flush=True)  # one write: other threads log too
 sys.exit(1 if loaded else 0)
 '''
 

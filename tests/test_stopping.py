@@ -44,23 +44,26 @@ with stopping.StopRequests() as stop:
 
 def _start_two(mode):
   port, env = processes.free_port(), processes.cpu_env(1)
+  # stdout apart from stderr: gloo writes to stderr from its own threads, in pieces, so in a
+  # merged stream its text can land inside the lines this test reads.
   procs = [subprocess.Popen([sys.executable, '-c', _LOOP, f'localhost:{port}', str(i), mode],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   for p in procs:  # both are in the loop (or about to be) once they print READY
     lines = []
     while not lines or lines[-1] != 'READY\n':
       lines.append(p.stdout.readline())
-      assert lines[-1], ''.join(lines)[-3000:]
+      assert lines[-1], (''.join(lines) + p.communicate()[1])[-3000:]
   time.sleep(1)  # a few steps of the loop
   return procs
 
 
 def _finish(procs, timeout):
+  """Each process's (stdout, stderr) once it has exited; kills what still runs after `timeout`."""
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
+      outs.append(p.communicate(timeout=timeout))
   finally:
     for p in procs:
       if p.poll() is None:
@@ -70,8 +73,8 @@ def _finish(procs, timeout):
 
 def _stops(procs, outs):
   stops = []
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, (out + err)[-3000:]
     stops.append(next(line.split()[1:] for line in out.splitlines() if line.startswith('STOP')))
   return stops
 
@@ -101,13 +104,13 @@ def test_second_signal_ends_a_process_at_once_while_its_peer_hangs():
     with pytest.raises(subprocess.TimeoutExpired):  # process 1 cannot stop cleanly alone
       procs[1].wait(timeout=3)
     procs[1].send_signal(signal.SIGINT)  # a second Ctrl-C does not wait for any of that
-    out = procs[1].communicate(timeout=30)[0]
+    out, err = procs[1].communicate(timeout=30)
   finally:
     for p in procs:
       p.kill()
       p.wait()
-  assert procs[1].returncode == 128 + signal.SIGINT, out[-3000:]
-  assert 'SIGINT received again: exiting at once, without saving (exit status 130).' in out
+  assert procs[1].returncode == 128 + signal.SIGINT, (out + err)[-3000:]
+  assert 'SIGINT received again: exiting at once, without saving (exit status 130).' in err
 
 
 def test_one_process_stops_at_the_first_signal_and_exits_at_the_second(tmp_path):
