@@ -2,9 +2,10 @@
 this project's SimCLR and give the official outputs: h, the projection and the supervised logits.
 
 The fixtures cover the ResNet-50 bottleneck with selective kernels (and with them the ResNet-D
-stem and shortcuts) and without them but with squeeze-excitation, and a ResNet-18 with SK's
-shortcuts and squeeze-excitation: every variable random (BN statistics and scales too), in
-inference mode on 64 px images.
+stem and shortcuts) and without them but with squeeze-excitation, both as run.py's training
+checkpoints, and a ResNet-18 with SK's shortcuts and squeeze-excitation as run.py's SavedModel
+(whose variables are keyed by creation order, so only the object graph's names match them):
+every variable random (BN statistics and scales too), in inference mode on 64 px images.
 """
 import contextlib
 import json
@@ -40,8 +41,19 @@ def _outputs(name):
     return {k: np.asarray(v, np.float32) for k, v in json.load(f).items()}
 
 
-def _load(name, **changes):
-  """(model, variables imported from the fixture's checkpoint, official outputs, images)."""
+@pytest.fixture(scope='session')
+def sources(tmp_path_factory):
+  """name -> what the import reads: the checkpoint directory, or the unpacked SavedModel."""
+  out = {}
+  for name in VARIANTS:
+    fixture = os.path.join(FIXTURES, name)
+    out[name] = (make_official.unpack(fixture, str(tmp_path_factory.mktemp(name)))
+                 if name in make_official.SAVED_MODELS else fixture)
+  return out
+
+
+def _load(source, name, **changes):
+  """(model, variables imported from the fixture, checkpoint, mapping, images)."""
   with open(os.path.join(FIXTURES, name, 'flags.json')) as f:
     meta = json.load(f)
   model = _model(meta['flags'], meta['num_classes'], **changes)
@@ -49,14 +61,14 @@ def _load(name, **changes):
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1], train=False))
   mapping = official.variable_map(model.depth, model.cifar_stem, model.sk_ratio, model.se_ratio,
                                   model.num_proj_layers, model.num_classes)
-  ckpt = official.read_checkpoint(os.path.join(FIXTURES, name, 'ckpt-1'))
+  ckpt = official.read_checkpoint(source)
   return model, official.to_variables(ckpt, template, mapping), ckpt, mapping, images
 
 
 @pytest.fixture(scope='module', params=VARIANTS)
-def imported(request):
+def imported(request, sources):
   name = request.param
-  model, variables, _, _, images = _load(name)
+  model, variables, _, _, images = _load(sources[name], name)
   want = _outputs(name)
   return name, model, variables, images, want
 
@@ -98,11 +110,24 @@ def test_the_fixtures_differ_where_the_architectures_do():
   assert numerics.rel_err(hs['r50_se_w16'], hs['r50_sk1_w16']) > 0.1
 
 
-def test_every_variable_is_matched_by_name_and_used_once():
+def test_every_variable_is_matched_by_name_and_used_once(sources):
   for name in VARIANTS:
-    _, _, ckpt, mapping, _ = _load(name)
-    assert len(set(mapping.values())) == len(mapping)
-    assert set(mapping.values()) == {k for k in ckpt if k.startswith('model/')}, name
+    _, _, ckpt, mapping, _ = _load(sources[name], name)
+    keys = [ckpt.find(path) for path in mapping.values()]
+    assert None not in keys and len(set(keys)) == len(keys), name
+    assert set(keys) == set(ckpt.model_variables()), name
+
+
+def test_a_saved_model_is_read_by_name_not_by_creation_order(sources):
+  """Its checkpoint keys are list indices; each resolved variable still holds its own layer."""
+  _, _, ckpt, mapping, _ = _load(sources['r18_sk1_se_w16'], 'r18_sk1_se_w16')
+  assert ckpt.saved_model is not None
+  keys = {path: ckpt.find(path) for path in mapping.values()}
+  assert any(k.startswith('trainable_variables_list/') for k in keys.values())
+  # the first stage's SE reduce and expand kernels: the transposed shapes of each other
+  block = 'model/resnet_model/block_groups/0/layers/0/se_layer'
+  reduce, expand = (ckpt.tensor(keys[f'{block}/{n}/kernel']) for n in ('se_reduce', 'se_expand'))
+  assert reduce.shape[-2:] == expand.shape[-2:][::-1] and reduce.shape != expand.shape
 
 
 @pytest.mark.parametrize('changes, message', [
@@ -113,17 +138,19 @@ def test_every_variable_is_matched_by_name_and_used_once():
     # two layers: the second is the last, without beta, so the third layer's are left too
     ({'num_proj_layers': 2}, r'linear_layers/1/bn_relu/bn/beta has no place .*num_proj_layers'),
 ])
-def test_a_wrong_architecture_names_the_variable(changes, message):
+def test_a_wrong_architecture_names_the_variable(changes, message, sources):
   name = 'r18_sk1_se_w16' if 'se_ratio' in changes else 'r50_sk1_w16'
   with pytest.raises(official.OfficialImportError, match=message):
-    _load(name, **changes)
+    _load(sources[name], name, **changes)
 
 
-def test_a_missing_variable_is_named():
-  model, _, ckpt, mapping, images = _load('r50_se_w16')
-  key = 'model/resnet_model/block_groups/2/layers/1/conv_relu_dropblock_layers/4/bn/' \
-        'moving_variance/.ATTRIBUTES/VARIABLE_VALUE'
-  del ckpt[key]
+def test_a_missing_variable_is_named(sources):
+  model, _, ckpt, mapping, images = _load(sources['r50_se_w16'], 'r50_se_w16')
+  bn = 'model/resnet_model/block_groups/2/layers/1/conv_relu_dropblock_layers/4/bn'
+  node = 0
+  for name in bn.split('/'):
+    node = ckpt.children[node][name]
+  del ckpt.children[node]['moving_variance']  # as a checkpoint without that variable reads
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1], train=False))
   with pytest.raises(official.OfficialImportError,
                      match=r'no model/resnet_model/block_groups/2/layers/1/.*/4/bn/moving_variance'
@@ -131,14 +158,20 @@ def test_a_missing_variable_is_named():
     official.to_variables(ckpt, template, mapping)
 
 
-def test_a_damaged_checkpoint_is_named(tmp_path):
-  src = os.path.join(FIXTURES, 'r18_sk1_se_w16')
+def test_a_damaged_checkpoint_is_named(tmp_path, sources):
+  src = os.path.join(FIXTURES, 'r50_se_w16')
   for f in os.listdir(src):
     shutil.copy(os.path.join(src, f), tmp_path)
   data = tmp_path / 'ckpt-1.data-00000-of-00001'
   data.write_bytes(data.read_bytes()[:1000])
-  with pytest.raises(official.OfficialImportError, match=r'ckpt-1'):
-    official.read_checkpoint(str(tmp_path / 'ckpt-1'))
+  with pytest.raises(official.OfficialImportError, match=r'ckpt-1.*(damaged|not a readable)'):
+    _load(str(tmp_path), 'r50_se_w16')
+
+
+def test_a_folder_without_a_checkpoint_is_named(tmp_path):
+  with pytest.raises(official.OfficialImportError, match=r'neither saved_model.pb nor a TF '
+                                                         r'checkpoint'):
+    official.read_checkpoint(str(tmp_path))
 
 
 def test_the_generator_names_a_missing_official_copy(tmp_path):

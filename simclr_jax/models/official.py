@@ -7,8 +7,9 @@ from the order in which variables were created. Official list indices follow the
 `tf2/resnet.py` and `tf2/model.py`: e.g. a bottleneck block's `conv_relu_dropblock_layers` holds
 conv, BN, DropBlock, then the 3x3 conv + BN (or one SK_Conv2D), DropBlock, the 1x1 conv, BN,
 DropBlock and the SE layer. A checkpoint variable left unused, a parameter left unfilled or a
-shape that differs is an `ImportError` naming it.
+shape that differs is an `OfficialImportError` naming it.
 """
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,9 +19,6 @@ from simclr_jax.errors import ConfigError
 from simclr_jax.models import resnet
 
 Path = tuple[str, ...]  # (collection, module, ..., leaf) of the flax variables
-_VALUE = '/.ATTRIBUTES/VARIABLE_VALUE'
-# Bookkeeping the official checkpoint holds beside the model: not variables of the network.
-_NOT_MODEL = ('_CHECKPOINTABLE_OBJECT_GRAPH', 'save_counter', 'global_step', 'optimizer')
 
 
 class OfficialImportError(ConfigError):
@@ -107,7 +105,7 @@ def _bottleneck(block: Path, tf: str, strides: int, projection: bool, sk: bool,
 
 def variable_map(depth: int, cifar_stem: bool, sk_ratio: float, se_ratio: float,
                  num_proj_layers: int, num_classes: int) -> dict[Path, str]:
-  """Each flax variable path of `SimCLR(...)` → the official checkpoint key holding it."""
+  """Each flax variable path of `SimCLR(...)` → the official variable's object-graph path."""
   if depth not in resnet.STAGES:
     raise ConfigError(f'config.model.depth={depth} is not a ResNet depth; choose one of '
                       f'{sorted(resnet.STAGES)}.')
@@ -128,25 +126,110 @@ def variable_map(depth: int, cifar_stem: bool, sk_ratio: float, se_ratio: float,
   if num_classes:
     for leaf in ('kernel', 'bias'):
       pairs.append((('params', 'probe', leaf), f'model/supervised_head/linear_layer/dense/{leaf}'))
-  return {path: key + _VALUE for path, key in pairs}
+  return dict(pairs)
 
 
-def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """Every variable of a TF checkpoint (prefix `path`, local or gs://) as numpy, by key."""
+# What Keras adds to each layer of a SavedModel besides its own attributes: the same variables
+# again, as lists in creation order.
+_KERAS_LISTS = frozenset({'variables', 'trainable_variables', 'non_trainable_variables',
+                          'keras_api', 'regularization_losses', 'layer_regularization_losses',
+                          'layer_metrics'})
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """An official TF2 checkpoint (or a SavedModel's variables), addressed by object-graph path.
+
+  `children[node]` maps each child's name to its node, as the checkpoint's own object graph
+  records them; a variable is found by walking the names of its path from the root
+  (`model/resnet_model/...`), so the index keys a SavedModel gives its variables
+  (`trainable_variables_list/17`, the order they were created in) are never used.
+  """
+  prefix: str  # the checkpoint read (for a SavedModel, its variables/variables)
+  saved_model: str | None  # the SavedModel directory, when the source is one
+  children: dict[int, dict[str, int]]
+  keys: dict[int, str]  # variable node -> the checkpoint key holding its value
+  reader: Any  # tf.train.CheckpointReader
+
+  def find(self, path: str) -> str | None:
+    """The checkpoint key of the variable at `path` (a/b/c), or None where there is none."""
+    node = 0
+    for name in path.split('/'):
+      node = self.children.get(node, {}).get(name)
+      if node is None:
+        return None
+    return self.keys.get(node)
+
+  def model_variables(self) -> dict[str, str]:
+    """{checkpoint key: a path naming it} of every variable under the root's `model`.
+
+    Optimizer slots, the step counters and a SavedModel's own lists sit outside `model` (or
+    are the same variables again), so they are neither used nor unused. Each variable is named
+    by its layer's path where it has one, not by the lists Keras adds to a SavedModel.
+    """
+    found: dict[str, str] = {}
+    for skip in (_KERAS_LISTS, frozenset()):  # layer paths first, then anything reachable
+      start = self.children.get(0, {}).get('model')
+      queue, seen = ([(start, 'model')] if start is not None else []), set()
+      while queue:  # breadth first: each variable named by a shortest path
+        node, path = queue.pop(0)
+        if node in seen:
+          continue
+        seen.add(node)
+        if node in self.keys:
+          found.setdefault(self.keys[node], path)
+        queue += [(child, f'{path}/{name}') for name, child in self.children.get(node, {}).items()
+                  if name not in skip]
+    return found
+
+  def tensor(self, key: str) -> np.ndarray:
+    """The value stored under `key`; a value that does not read is an OfficialImportError."""
+    try:
+      return self.reader.get_tensor(key)
+    except Exception as e:  # pylint: disable=broad-except  (tf.errors.*, or IndexError: a cut file)
+      why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise OfficialImportError(f'{self.prefix}: the value of {key} does not read ({why}): a '
+                                'damaged or partly copied checkpoint.') from e
+
+
+def _checkpoint_prefix(path: str, gfile: Any) -> tuple[str, str | None]:
+  """(checkpoint prefix, SavedModel dir or None) of a SavedModel, checkpoint dir or prefix."""
+  path = path.rstrip('/')
+  if gfile.exists(f'{path}/saved_model.pb'):
+    return f'{path}/variables/variables', path
+  if gfile.isdir(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+      raise OfficialImportError(f'{path} holds neither saved_model.pb nor a TF checkpoint (no '
+                                '"checkpoint" file): pass a SavedModel directory, a checkpoint '
+                                'directory or a checkpoint prefix such as DIR/ckpt-1.')
+    return latest, None
+  return path, None
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+  """The official checkpoint at `path`: a SavedModel dir, a checkpoint dir or prefix (or gs://)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only this reader needs it)
+  from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
+  prefix, saved_model = _checkpoint_prefix(path, tf.io.gfile)
   try:
-    reader = tf.train.load_checkpoint(path)
-    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()}
+    reader = tf.train.load_checkpoint(prefix)
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'))
   except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: a cut data file
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise OfficialImportError(f'{path}: not a readable TF checkpoint ({first_line}).') from e
+    raise OfficialImportError(f'{prefix}: not a readable TF2 checkpoint ({first_line}).') from e
+  children = {i: {c.local_name: c.node_id for c in node.children}
+              for i, node in enumerate(graph.nodes)}
+  keys = {i: a.checkpoint_key for i, node in enumerate(graph.nodes) for a in node.attributes
+          if a.name == 'VARIABLE_VALUE'}
+  return Checkpoint(prefix, saved_model, children, keys, reader)
 
 
-def to_variables(checkpoint: Mapping[str, np.ndarray], template: Mapping[str, Any],
+def to_variables(checkpoint: Checkpoint, template: Mapping[str, Any],
                  mapping: Mapping[Path, str]) -> dict[str, Any]:
   """The flax variables `template` (same tree) filled from the official `checkpoint`."""
-  model_keys = {k for k in checkpoint
-                if not k.startswith(_NOT_MODEL) and '.OPTIMIZER_SLOT' not in k}
   flat: dict[Path, Any] = {}
 
   def walk(node: Any, path: Path) -> None:
@@ -161,24 +244,24 @@ def to_variables(checkpoint: Mapping[str, np.ndarray], template: Mapping[str, An
   if unfilled:
     raise OfficialImportError(f'no official variable for {"/".join(unfilled[0])} '
                               f'({len(unfilled)} in all): the architecture config differs.')
-  missing = [(p, k) for p, k in mapping.items() if p in flat and k not in checkpoint]
+  keys = {p: checkpoint.find(k) for p, k in mapping.items() if p in flat}  # network order
+  missing = [p for p, k in keys.items() if k is None]
   if missing:
-    path, key = missing[0]
-    raise OfficialImportError(f'the checkpoint has no {key.removesuffix(_VALUE)} (for '
-                              f'{"/".join(path)}): check config.model (depth, sk_ratio, '
+    raise OfficialImportError(f'the checkpoint has no {mapping[missing[0]]} (for '
+                              f'{"/".join(missing[0])}): check config.model (depth, sk_ratio, '
                               'se_ratio, num_proj_layers) against the checkpoint.')
-  unused = sorted(model_keys - {mapping[p] for p in flat})
+  named = checkpoint.model_variables()
+  unused = sorted(named[k] for k in set(named) - set(keys.values()))
   if unused:
-    raise OfficialImportError(f'the checkpoint variable {unused[0].removesuffix(_VALUE)} has no '
-                              f'place in the configured model ({len(unused)} unused in all): '
-                              'check config.model (sk_ratio, se_ratio, num_proj_layers) and '
+    raise OfficialImportError(f'the checkpoint variable {unused[0]} has no place in the '
+                              f'configured model ({len(unused)} unused in all): check '
+                              'config.model (sk_ratio, se_ratio, num_proj_layers) and '
                               'config.data.num_classes against the checkpoint.')
   out: dict[str, Any] = {}
   for path, leaf in flat.items():
-    key = mapping[path]
-    value = np.asarray(checkpoint[key])
+    value = np.asarray(checkpoint.tensor(keys[path]))
     if value.shape != tuple(leaf.shape):
-      raise OfficialImportError(f'{key.removesuffix(_VALUE)} has shape {value.shape}, '
+      raise OfficialImportError(f'{mapping[path]} has shape {value.shape}, '
                                 f'{"/".join(path)} needs {tuple(leaf.shape)}: check '
                                 'config.model.width (and proj_dim, num_classes).')
     node = out
