@@ -154,6 +154,34 @@ def test_torch_resnet_matches_any_layout(cifar_stem, size):
   assert err <= numerics.FEATURE_RTOL, err  # torch against XLA: two float32 inference programs
 
 
+@pytest.mark.parametrize('depth, sk, se, size', [
+    (50, 0.0625, 0.0, 33),  # SK convolutions, ResNet-D stem and shortcuts, odd sizes
+    (50, 0.0, 0.25, 32),  # squeeze-excitation with the 7x7 stem, even sizes
+    (18, 0.0625, 0.25, 30),  # basic blocks: ResNet-D stem and shortcuts (no SK conv) + SE
+])
+def test_torch_resnet_builds_the_simclr_v2_options(depth, sk, se, size):
+  """SK, SE and ResNet-D from the keys alone; float64 on both sides, so any difference is the
+  network's, not rounding (float64 sums over these layers stay within F64_RTOL)."""
+  cfg, _ = _model(depth, 0.0625, False)
+  cfg.model.sk_ratio, cfg.model.se_ratio = sk, se
+  model = simclr.from_config(cfg.model, 0)
+  variables = _variables(model, size)
+  images = _images(2, size)
+  sd = torch_weights.encoder_state_dict(model, variables, (size, size, 3))
+  assert torch_weights.torchvision_model(sd) is None
+  assert any(k.startswith('conv1.0.') for k in sd) == (sk > 0)
+  assert any('.se.fc1.' in k for k in sd) == (se > 0)
+  tsd = {k: v.double() if v.is_floating_point() else v for k, v in _state_dict(sd).items()}
+  module = torch_resnet.ResNet(tsd).double()
+  module.load_state_dict(tsd, strict=True)
+  with numerics.float64():
+    h = _jax_outputs(numerics.float64_model(model), numerics.to_float64(variables),
+                     images.astype(np.float64))['h']
+  with torch.no_grad():
+    got = module.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float64))).numpy()
+  assert numerics.rel_err(got, h) <= numerics.F64_RTOL, numerics.rel_err(got, h)
+
+
 # --- the job -----------------------------------------------------------------------------------
 
 
@@ -271,22 +299,3 @@ def test_config_errors(pretrain, tmp_path):
   config.pretrain_workdir, config.format = pretrain[0], 'onnx'
   with pytest.raises(ConfigError, match='config.format'):
     job.run(config, str(tmp_path))
-
-
-def test_torchvision_export_refuses_selective_kernels(tmp_path):
-  """torchvision's ResNet has no SK or SE layers: the job says so before writing anything."""
-  workdir, out = str(tmp_path / 'pretrain'), tmp_path / 'export'
-  cfg = base.get_config()
-  cfg.model.depth, cfg.model.width, cfg.model.sk_ratio = 50, 0.0625, 0.0625
-  cfg.data.source, cfg.data.image_size, cfg.data.num_classes = 'demo', SIZE, 10
-  variables = _variables(simclr.from_config(cfg.model, 10), SIZE)  # shapes only: no compile
-  mgr = checkpoint.manager(workdir, save_every_steps=1000, keep=3)
-  assert checkpoint.save(mgr, _State(np.int32(STEP), variables['params'],
-                                     variables['batch_stats']), force=True)
-  checkpoint.close(mgr)
-  workdir_lib.write_config(workdir, cfg)
-  config = export_config.get_config()
-  config.pretrain_workdir, config.format = workdir, 'torchvision'
-  with pytest.raises(ConfigError, match=r"sk_ratio=0.0625.*--config.format=savedmodel"):
-    job.run(config, str(out))
-  assert not out.exists() or not any(out.iterdir())

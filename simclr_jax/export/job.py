@@ -93,8 +93,9 @@ def export_info(pretrain_config: ml_collections.ConfigDict, step: int, pretrain_
             'torch_resnet.MaxPoolSame() for the same outputs on even-sized feature maps '
             '(TF SAME pads the max-pool (0, 1), torchvision (1, 1)).' if torchvision_name else
             'No torchvision model has this architecture (torchvision has ResNet-50/101/152 at '
-            'width 1 with the 7x7 stem; its ResNet-18/34 have no projection in stage 1): '
-            'load it with torch_resnet.load_encoder(EXPORT_DIR).'),
+            'width 1 with the 7x7 stem; its ResNet-18/34 have no projection in stage 1, and '
+            'it has no selective kernels, squeeze-excitation or ResNet-D stem): load it with '
+            'torch_resnet.load_encoder(EXPORT_DIR).'),
     }
   if 'savedmodel' in formats:
     info['savedmodel'] = {
@@ -114,12 +115,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   formats = FORMATS[config.format]
   pretrain_config, model, step, variables = restore(config.pretrain_workdir,
                                                     config.checkpoint_step)
-  if 'torchvision' in formats and (model.sk_ratio > 0 or model.se_ratio > 0):
-    raise ConfigError(
-        f'config.format={config.format!r}: the encoder of {config.pretrain_workdir} has '
-        f'selective kernels or squeeze-excitation (model.sk_ratio={model.sk_ratio}, '
-        f'se_ratio={model.se_ratio}), which torchvision\'s ResNet has no place for; use '
-        "--config.format=savedmodel.")
   size = pretrain_config.data.image_size
   out = epath.Path(workdir)
   torchvision_name = None

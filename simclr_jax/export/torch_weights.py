@@ -11,6 +11,13 @@ norms of a block are numbered in the order the forward pass calls them (recorded
 `nn.intercept_methods` under `jax.eval_shape`, so nothing runs); only the projection shortcut is
 recognised by name (it can run before the main path, and in stage 1 of a bottleneck ResNet it
 has the same shape as the block's last convolution).
+
+SimCLRv2's options have no torchvision names; they take timm's where timm has the same layer:
+the ResNet-D stem is `conv1.0`/`.1`/`.3`/`.4`/`.6` (three 3x3 convolutions and two norms, as
+timm's deep stem) before `bn1`; a ResNet-D shortcut is `downsample.1`/`.2` (the average pool at
+index 0 has no parameters); squeeze-excitation is `se.fc1`/`se.fc2` (1x1 convolutions with
+bias). A selective-kernel block keeps `conv2`/`bn2` for its two-stream 3x3 convolution and adds
+`sk.fc1`, `sk.bn`, `sk.fc2` for the mixing branch. `torch_resnet.py` builds all of these.
 """
 import re
 from typing import Any
@@ -22,6 +29,11 @@ import numpy as np
 
 _BLOCK = re.compile(r'stage(\d+)_block(\d+)')
 _PROJECTION_WORDS = ('proj', 'shortcut', 'downsample')
+# Named modules of the SimCLRv2 options -> their key under the block's prefix.
+_NAMED = {('sk', 'mix_conv0'): 'sk.fc1', ('sk', 'mix_bn'): 'sk.bn', ('sk', 'mix_conv1'): 'sk.fc2',
+          ('se', 'reduce'): 'se.fc1', ('se', 'expand'): 'se.fc2'}
+# The ResNet-D stem's convolutions and norms, in call order (timm's deep-stem indices).
+_DEEP_STEM = (('conv1.0', 'conv1.3', 'conv1.6'), ('conv1.1', 'conv1.4', 'bn1'))
 # torchvision's ResNets: depth -> (block kind, blocks per stage); it has no ResNet-200.
 TORCHVISION_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
     18: ('basic', (2, 2, 2, 2)),
@@ -88,32 +100,52 @@ def encoder_state_dict(model: nn.Module, variables: Any,
   params = _module_leaves(variables['params']['encoder'])
   stats = _module_leaves(variables['batch_stats']['encoder'])
   modules = sorted(params, key=lambda p: order.get(('encoder', *p), len(order)))
+  resnet_d = getattr(model, 'sk_ratio', 0.0) > 0  # official: the shortcut pools before its conv
   out: dict[str, np.ndarray] = {}
   counters: dict[str, list[int]] = {}  # prefix -> [convs, norms] numbered so far
+  stem: tuple[list[tuple[Path, str]], list[tuple[Path, str]]] = ([], [])  # (convs, norms)
   for path in modules:
     leaves = params[path]
     block = next((i for i, name in enumerate(path) if _BLOCK.fullmatch(name)), None)
     if block is None:
-      prefix, projection = '', False
+      prefix, projection, named = '', False, None
     else:
       stage, index = map(int, _BLOCK.fullmatch(path[block]).groups())
       prefix = f'layer{stage}.{index - 1}.'
       projection = any(w in name for name in path[block + 1:] for w in _PROJECTION_WORDS)
+      named = _NAMED.get(tuple(path[block + 1:]))
     count = counters.setdefault(prefix, [0, 0])
-    if 'kernel' in leaves and np.ndim(leaves['kernel']) == 4:
+    down = ('downsample.1', 'downsample.2') if resnet_d else ('downsample.0', 'downsample.1')
+    if named and 'kernel' in leaves:  # a 1x1 convolution of the SK mixing or of SE
+      out[f'{prefix}{named}.weight'] = _conv(leaves['kernel'])
+      if 'bias' in leaves:
+        out[f'{prefix}{named}.bias'] = np.asarray(leaves['bias'], np.float32)
+    elif named:
+      out.update(_bn(leaves, stats[path], f'{prefix}{named}'))
+    elif 'kernel' in leaves and np.ndim(leaves['kernel']) == 4:
       count[0] += not projection
-      key = f'{prefix}downsample.0' if projection else f'{prefix}conv{count[0]}'
+      key = f'{prefix}{down[0]}' if projection else f'{prefix}conv{count[0]}'
       out[f'{key}.weight'] = _conv(leaves['kernel'])
+      if not prefix:
+        stem[0].append(key)
     elif 'scale' in leaves and path in stats:
       count[1] += not projection
-      key = f'{prefix}downsample.1' if projection else f'{prefix}bn{count[1]}'
+      key = f'{prefix}{down[1]}' if projection else f'{prefix}bn{count[1]}'
       out.update(_bn(leaves, stats[path], key))
+      if not prefix:
+        stem[1].append(key)
     else:
       raise ValueError(f'encoder module {"/".join(path)} with parameters {sorted(leaves)} is '
                        'neither a convolution nor a batch norm; the torch export does not know it.')
-  if counters.get('', [0, 0]) != [1, 1]:
-    raise ValueError(f'expected one stem convolution and one stem batch norm outside the '
-                     f'stage*_block* modules, found {counters.get("", [0, 0])}.')
+  if counters.get('', [0, 0]) == [3, 3]:  # the ResNet-D stem: timm's deep-stem names
+    for keys, names in zip(stem, _DEEP_STEM):
+      for key, name in zip(keys, names):
+        for k in [k for k in out if k.startswith(f'{key}.')]:
+          out[name + k[len(key):]] = out.pop(k)
+  elif counters.get('', [0, 0]) != [1, 1]:
+    raise ValueError(f'expected one stem convolution and one stem batch norm (three of each '
+                     f'for the ResNet-D stem) outside the stage*_block* modules, found '
+                     f'{counters.get("", [0, 0])}.')
   return out
 
 

@@ -198,7 +198,7 @@ def _checkpoint_prefix(path: str, gfile: Any) -> tuple[str, str | None]:
   if gfile.exists(f'{path}/saved_model.pb'):
     return f'{path}/variables/variables', path
   if gfile.isdir(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from simclr_jax.data.tf_cpu import tf  # pylint: disable=g-import-not-at-top
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
       raise OfficialImportError(f'{path} holds neither saved_model.pb nor a TF checkpoint (no '
@@ -210,7 +210,7 @@ def _checkpoint_prefix(path: str, gfile: Any) -> tuple[str, str | None]:
 
 def read_checkpoint(path: str) -> Checkpoint:
   """The official checkpoint at `path`: a SavedModel dir, a checkpoint dir or prefix (or gs://)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only this reader needs it)
+  from simclr_jax.data.tf_cpu import tf  # pylint: disable=g-import-not-at-top  (only the reader needs TF)
   from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
   prefix, saved_model = _checkpoint_prefix(path, tf.io.gfile)
   try:
