@@ -86,13 +86,28 @@ PUBLISHED_M = {(50, 1, False): 24, (50, 1, True): 35, (50, 2, False): 94, (50, 2
                (152, 2, False): 233, (152, 2, True): 354, (152, 3, True): 795}
 
 
-@pytest.mark.parametrize('arch', sorted(PUBLISHED_M))
-def test_published_simclr_v2_encoders_have_the_published_sizes(arch):
-  depth, width, sk = arch
-  count = _closed_form_count(depth, 64 * width, sk=0.0625 if sk else 0.0)
+def _v2_presets():
+  """(depth, width, SK) of configs/import_official.py's SimCLRv2 architectures."""
+  from configs import import_official  # pylint: disable=g-import-not-at-top
+  return {name: (d, int(w), sk > 0) for name, (d, w, sk, head) in
+          import_official.ARCHITECTURES.items() if head}
+
+
+def test_the_import_configs_are_the_published_table():
+  assert sorted(_v2_presets().values()) == sorted(PUBLISHED_M)
+
+
+@pytest.mark.parametrize('name', sorted(_v2_presets()))
+def test_published_simclr_v2_encoders_have_the_published_sizes(name):
+  from configs import import_official  # pylint: disable=g-import-not-at-top
+  model_cfg = import_official.get_config(name).model
+  arch = depth, width, sk = _v2_presets()[name]
+  assert (model_cfg.depth, model_cfg.width, model_cfg.sk_ratio) == (depth, width,
+                                                                    0.0625 if sk else 0.0)
+  count = _closed_form_count(depth, 64 * width, sk=model_cfg.sk_ratio)
   assert abs(count / 1e6 - PUBLISHED_M[arch]) < 1.0, count
   if depth == 50:  # the model itself, where tracing it is cheap
-    assert _param_count(resnet.ResNet(depth, width, sk_ratio=0.0625 if sk else 0.0)) == count
+    assert _param_count(resnet.ResNet(depth, width, sk_ratio=model_cfg.sk_ratio)) == count
 
 
 def test_resnet50_and_18_parameter_counts():
