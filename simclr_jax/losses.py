@@ -1,4 +1,4 @@
-"""NT-Xent over the global batch (official SimCLR's add_contrastive_loss) and the probe's loss.
+"""NT-Xent over the global batch (official add_contrastive_loss), the probe loss, distillation.
 
 Each device computes only its own anchor rows against the gathered keys of all devices:
 logits are [2 n_local, 2 N_global], never [2N, 2N]. The all-gather's transpose is a
@@ -105,3 +105,16 @@ def probe_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple[jnp.ndarray, j
   loss = jnp.sum(nll * valid) / count
   acc = jnp.sum((jnp.argmax(logits, -1) == safe) * valid) / count
   return loss, acc
+
+
+def kd_loss(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
+            temperature: float) -> jnp.ndarray:
+  """SimCLRv2's distillation loss, official `add_kd_loss` (tf2/colabs/distillation_self_training):
+
+  teacher_probs = softmax(teacher_logits / T);
+  mean(T**2 * softmax_cross_entropy_with_logits(teacher_probs, student_logits / T)).
+  The T² keeps the gradient's scale independent of T. The teacher's logits get no gradient.
+  """
+  teacher_probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
+  log_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  return jnp.mean(temperature**2 * -jnp.sum(teacher_probs * log_student, axis=-1))

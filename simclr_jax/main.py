@@ -25,6 +25,7 @@ JOBS: dict[str, tuple[str, Callable[[Any], int]]] = {
     'extract': ('simclr_jax.eval.extract', lambda c: c.eval_batch_size),
     'export': ('simclr_jax.export.job', lambda c: 1),
     'import_official': ('simclr_jax.import_official', lambda c: 1),
+    'distill': ('simclr_jax.distill', lambda c: c.distill.batch_size),
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py recipe.',

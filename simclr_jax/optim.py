@@ -21,12 +21,15 @@ PROBE = 'probe'  # top-level parameter collection of the online probe (models/si
 
 
 def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
-  """base_lr × batch/256 ('linear') or base_lr × sqrt(batch) ('sqrt'), as in the paper."""
+  """base_lr × batch/256 ('linear') or base_lr × sqrt(batch) ('sqrt'), as in the paper, or
+  base_lr as given ('none', as the official distillation colab's `learning_rate = 2.0`)."""
+  if scaling == 'none':
+    return base_lr
   if scaling == 'linear':
     return base_lr * batch_size / 256.0
   if scaling == 'sqrt':
     return base_lr * math.sqrt(batch_size)
-  raise ConfigError(f"config.optim.lr_scaling='{scaling}' must be 'linear' or 'sqrt'.")
+  raise ConfigError(f"config.optim.lr_scaling='{scaling}' must be 'linear', 'sqrt' or 'none'.")
 
 
 def train_steps(num_examples: int, train_cfg: ml_collections.ConfigDict) -> int:
@@ -68,18 +71,21 @@ def trust_ratio_mask(params: Any) -> Any:
 
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, batch_size: int, num_examples: int,
-                   num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   num_steps: int, *, probe_trust_ratio: bool = False
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Official LARS from `config.optim` over `num_steps` steps; returns (tx, lr schedule).
 
   optax.lars applies weight decay, the trust ratio, the learning rate, then the momentum trace:
   t = m·t - lr·trust·(g + wd·w) and w += t, which is official classic momentum
   (v = m·v + lr·trust·grad; w -= v) with t = -v. Kernels of the probe get the weight decay
-  (their official l2 term) without the trust ratio.
+  (their official l2 term) without the trust ratio, unless `probe_trust_ratio` (the
+  distillation colab's student, whose LARS excludes only 'batch_normalization' and 'bias').
   """
   peak = scaled_learning_rate(optim_cfg.base_lr, batch_size, optim_cfg.lr_scaling)
   lr = warmup_cosine(peak, warmup_steps(optim_cfg.warmup_epochs, num_examples, batch_size),
                      num_steps)
   tx = optax.lars(lr, weight_decay=optim_cfg.weight_decay, weight_decay_mask=decay_mask,
                   trust_coefficient=optim_cfg.trust_coefficient, eps=0.0,
-                  trust_ratio_mask=trust_ratio_mask, momentum=optim_cfg.momentum)
+                  trust_ratio_mask=decay_mask if probe_trust_ratio else trust_ratio_mask,
+                  momentum=optim_cfg.momentum)
   return tx, lr
