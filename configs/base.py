@@ -130,5 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.monitor.batch_size = 256  # global batch of the inference forwards
   c.monitor.knn_k = 200
   c.monitor.knn_temperature = 0.1
-  c.monitor.knn_max_train = 10_000  # kNN memory: the first this many train examples (0: all)
+  # kNN memory: a fixed, seeded sample of this many labelled train examples, each class in its
+  # share of the split (0, or fewer labelled examples: all of them)
+  c.monitor.knn_max_train = 10_000
   return c

@@ -8,7 +8,7 @@ import pytest
 import numerics
 from configs import base, linear_eval
 from simclr_jax import optim, parallel
-from simclr_jax.eval import features, finetune, knn, linear_probe
+from simclr_jax.eval import features, knn, linear_probe, subsets
 from simclr_jax.models import simclr
 
 
@@ -336,15 +336,15 @@ def test_balanced_subset():
   rng = np.random.default_rng(0)
   counts = {0: 100, 1: 40, 2: 7, 3: 1}
   labels = rng.permutation(np.concatenate([np.full(c, k) for k, c in counts.items()]))
-  sub = finetune.balanced_subset(labels, 0.1, seed=0)
+  sub = subsets.balanced_subset(labels, 0.1, seed=0)
   per_class = {k: int(np.sum(labels[sub] == k)) for k in counts}
   assert per_class == {0: 10, 1: 4, 2: 1, 3: 1}  # round(0.7) = 1; at least 1 for class 3
   assert len(np.unique(sub)) == len(sub)
-  np.testing.assert_array_equal(sub, finetune.balanced_subset(labels, 0.1, seed=0))
-  assert not np.array_equal(sub, finetune.balanced_subset(labels, 0.1, seed=1))
-  np.testing.assert_array_equal(finetune.balanced_subset(labels, 1.0, seed=3),
+  np.testing.assert_array_equal(sub, subsets.balanced_subset(labels, 0.1, seed=0))
+  assert not np.array_equal(sub, subsets.balanced_subset(labels, 0.1, seed=1))
+  np.testing.assert_array_equal(subsets.balanced_subset(labels, 1.0, seed=3),
                                 np.arange(len(labels)))
-  half = finetune.balanced_subset(labels, 0.5, seed=0)
+  half = subsets.balanced_subset(labels, 0.5, seed=0)
   assert {k: int(np.sum(labels[half] == k)) for k in counts} == {0: 50, 1: 20, 2: 4, 3: 1}
   with pytest.raises(ValueError):
-    finetune.balanced_subset(labels, 0.0, seed=0)
+    subsets.balanced_subset(labels, 0.0, seed=0)

@@ -131,18 +131,22 @@ def load(config: Any, mesh: Mesh) -> DeviceDataset:
 
 # --- the eval split, for evaluation during pretraining --------------------------------------------
 
-def eval_batches(split: HostSplit, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(split: HostSplit, global_batch: int, indices: np.ndarray | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """This process's padded batches {'image': uint8 [b, H, W, 3], 'label', 'mask'} of `split`.
 
   The raw images: the eval views are made in the jitted forward (views_jax.eval_views), as the
   train views are. Each process takes rows [process_index::process_count] and every process
   yields the same number of batches (padding rows: mask False, label -1), so every example is
-  counted once and multi-process forwards stay in lockstep.
+  counted once and multi-process forwards stay in lockstep. `indices`: only the examples with
+  these ids (a subset, e.g. the kNN memory), as host_input.eval_iterator's.
   """
   pi, pc = jax.process_index(), jax.process_count()
   local = global_batch // pc
-  rows = np.arange(len(split.ids))[pi::pc]
-  per_process = -(-len(split.ids) // pc)
+  chosen = (np.arange(len(split.ids)) if indices is None
+            else np.flatnonzero(np.isin(split.ids, np.asarray(indices))))
+  rows = chosen[pi::pc]
+  per_process = -(-len(chosen) // pc)
   for start in range(0, -(-per_process // local) * local, local):
     take = rows[start:start + local]
     pad = local - len(take)

@@ -140,6 +140,29 @@ def num_padded_batches(num_examples_total: int, batch_size: int, process_count: 
   return -(-per_process // (batch_size // process_count))
 
 
+def split_labels(config: Any, split: str, *, read: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+  """(example ids, labels) of every example of `split`, without decoding an image.
+
+  Folder and demo sources know them from their file list or arrays. A TFDS split is read
+  through once (labels are stored beside the images), unless `read` is False: then None where
+  the stored order is already a seeded shuffle (sources.Source.stored_shuffled), so that the
+  split's first examples are a random sample of it.
+  """
+  src = sources.load(config.data, split, process_index=0, process_count=1)
+  if src.labels_by_id is not None:
+    return src.labels_by_id
+  if not read and src.stored_shuffled:
+    return None
+  ids, labels = [], []
+  for i, y in src.ds.map(lambda ex: (ex['index'], ex['label'])).batch(4096).as_numpy_iterator():
+    ids.append(i)
+    labels.append(y)
+  if not ids:
+    return np.zeros((0,), np.int64), np.zeros((0,), np.int32)
+  return np.concatenate(ids).astype(np.int64), np.concatenate(labels).astype(np.int32)
+
+
 def eval_dataset(config: Any, split: str, batch_size: int, *, indices: np.ndarray | None = None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> tf.data.Dataset:

@@ -33,6 +33,12 @@ class Source:
   num_examples: int  # in this process's shard
   num_examples_total: int  # in the whole split, over all processes
   num_classes: int  # 0 if unlabelled
+  # (ids, labels) of the whole split where they are known without reading an image (folder:
+  # the file list; demo: in memory), else None.
+  labels_by_id: tuple[np.ndarray, np.ndarray] | None = None
+  # The stored order is a seeded shuffle, not the labels' order: TFDS shuffles examples when it
+  # writes a data set (unless the builder sets disable_shuffling).
+  stored_shuffled: bool = False
 
 
 def load(data_cfg: Any, split: str, *, process_index: int | None = None,
@@ -84,7 +90,8 @@ def _tfds(cfg: Any, split: str, pi: int, pc: int) -> Source:
 
   ds = ds.enumerate(start=offset).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
   num_classes = getattr(features['label'], 'num_classes', 0) if has_label else 0
-  return Source(ds, builder.info.splits[shards[pi]].num_examples, total, num_classes)
+  return Source(ds, builder.info.splits[shards[pi]].num_examples, total, num_classes,
+                stored_shuffled=not getattr(builder.info, 'disable_shuffling', False))
 
 
 def _split_dir(cfg: Any, split: str) -> str:
@@ -173,7 +180,9 @@ def _folder(cfg: Any, split: str, pi: int, pc: int) -> Source:
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = check_images(ds, cfg.on_corrupt, len(files))
   ds = ds.map(lambda ex: {k: ex[k] for k in ('image', 'label', 'index')})
-  return Source(ds, len(index), len(files), len(classes))
+  return Source(ds, len(index), len(files), len(classes),
+                labels_by_id=(np.arange(len(files), dtype=np.int64),
+                              np.asarray(labels, np.int32)))
 
 
 _CORRUPT_START = 'Corrupt image '
@@ -300,7 +309,8 @@ def _demo(cfg: Any, split: str, pi: int, pc: int) -> Source:
   images, labels, ids = demo_digits.load(split, cfg.image_size)
   ds = tf.data.Dataset.from_tensor_slices({
       'image': images[pi::pc], 'label': labels[pi::pc], 'index': ids[pi::pc].astype(np.int64)})
-  return Source(ds, len(ids[pi::pc]), len(ids), demo_digits.NUM_CLASSES)
+  return Source(ds, len(ids[pi::pc]), len(ids), demo_digits.NUM_CLASSES,
+                labels_by_id=(ids.astype(np.int64), labels.astype(np.int32)))
 
 
 def read_arrays(data_cfg: Any, split: str, *, purpose: str,

@@ -36,9 +36,13 @@ class TrainInput:
   # This process's numpy batches of steps start_step, start_step + 1, ... (endless).
   host_batches: Callable[[int], Iterator[Batch]]
   prepare: Prepare | None  # None: the host batch already is the two views
-  # This process's padded eval-view batches {'image', 'label', 'mask'} of (split, global batch),
-  # for evaluation during pretraining; `eval_prepare(images)` finishes the views in the forward.
-  eval_batches: Callable[[str, int], Iterator[Batch]]
+  # This process's padded eval-view batches {'image', 'label', 'mask'} of (split, global batch,
+  # ids or None for all), for evaluation during pretraining; `eval_prepare(images)` finishes the
+  # views in the forward.
+  eval_batches: Callable[[str, int, np.ndarray | None], Iterator[Batch]]
+  # (example ids, labels) of a whole split, every process alike (the kNN memory's sample), or
+  # None where reading them would mean reading the split and its stored order is shuffled.
+  split_labels: Callable[[str], tuple[np.ndarray, np.ndarray] | None]
   eval_prepare: Callable[[Any], Any] | None = None
   data: Any = None  # the step's `data` argument: device-resident arrays, or None
   data_sharding: Any = None  # sharding of `data` (None: replicated)
@@ -71,8 +75,9 @@ def make(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainInput:
         host_batches=lambda start: device_input.index_stream(dataset.layout, seed, batch, mesh,
                                                              start_step=start),
         prepare=device_input.device_prepare(config, mesh, dataset.layout),
-        eval_batches=lambda split, global_batch: device_input.eval_batches(read(split),
-                                                                           global_batch),
+        eval_batches=lambda split, global_batch, ids=None: device_input.eval_batches(
+            read(split), global_batch, ids),
+        split_labels=lambda split: (read(split).ids, read(split).labels),
         eval_prepare=lambda images: views_jax.eval_views(images, size),
         data=dataset.arrays, data_sharding=dataset.sharding)
 
@@ -84,5 +89,6 @@ def make(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainInput:
       host_batches=lambda start: host_input.train_iterator(config, start_step=start,
                                                            finish_views=not split),
       prepare=device_input.split_prepare(config) if split else None,
-      eval_batches=lambda split, global_batch: host_input.eval_iterator(config, split,
-                                                                        global_batch))
+      eval_batches=lambda split, global_batch, ids=None: host_input.eval_iterator(
+          config, split, global_batch, indices=ids),
+      split_labels=lambda split: host_input.split_labels(config, split, read=False))

@@ -17,7 +17,7 @@ views without colour distortion (tf2/data.py: `color_distort=is_pretrain`), with
 run's crop area and flip unless config.finetune sets them; `N * epochs // B + 1` steps of an
 endless shuffled stream. `from_block=k` freezes the stem and stages before k (official
 fine_tune_after_block=k-1): frozen parts keep their parameters and run BN in inference mode.
-Data sets without official subsets use `balanced_subset`, a fixed, seeded, class-balanced
+Data sets without official subsets use `subsets.balanced_subset`, a fixed, seeded, class-balanced
 fraction of the train split.
 """
 from typing import Any
@@ -31,35 +31,15 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import optim, parallel
-from simclr_jax.data import host_input, sources
+from simclr_jax.data import host_input
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import encoder as encoder_lib
-from simclr_jax.eval import features, linear_probe
+from simclr_jax.eval import features, linear_probe, subsets
 from simclr_jax.models import resnet, simclr
 
 HEAD = optim.PROBE  # the supervised head: optim's masks treat it as official 'head_supervised'
 NUM_STAGES = 4  # every ResNet depth in resnet.STAGES has four stages
 OPTIMIZERS = ('lars', 'momentum')
-
-
-def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Sorted indices of a seeded class-balanced subset: per class round(fraction × count), ≥ 1.
-
-  Rounding is half-up. Each class draws from its own generator seeded by (seed, class), so a
-  class's choice does not depend on which other classes are present.
-  """
-  labels = np.asarray(labels)
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'fraction={fraction} must be in (0, 1].')
-  chosen = []
-  for c in np.unique(labels):
-    idx = np.flatnonzero(labels == c)
-    m = min(len(idx), max(1, int(np.floor(fraction * len(idx) + 0.5))))
-    rng = np.random.default_rng([seed, int(c)])
-    chosen.append(rng.choice(idx, size=m, replace=False))
-  if not chosen:
-    return np.zeros((0,), np.int64)
-  return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def label_subset(cfg: ml_collections.ConfigDict, fraction: float, seed: int
@@ -69,19 +49,13 @@ def label_subset(cfg: ml_collections.ConfigDict, fraction: float, seed: int
   Every process reads the whole split's ids and labels (JPEGs are not decoded) and computes
   the same subset.
   """
-  src = sources.load(cfg.data, cfg.data.train_split, process_index=0, process_count=1)
-  ds = src.ds.map(lambda ex: (ex['index'], ex['label'])).batch(4096)
-  ids, labels = [], []
-  for i, y in ds.as_numpy_iterator():
-    ids.append(i)
-    labels.append(y)
-  ids, labels = np.concatenate(ids).astype(np.int64), np.concatenate(labels).astype(np.int32)
+  ids, labels = host_input.split_labels(cfg, cfg.data.train_split)
   if not len(labels) or labels.min() < 0 or labels.max() >= cfg.data.num_classes:
     raise ConfigError(f'split {cfg.data.train_split!r} needs labels in '
                       f'[0, config.data.num_classes={cfg.data.num_classes}) for a labelled '
                       'subset; set config.data.train_split (or config.finetune.train_split) to '
                       'a labelled split.')
-  chosen = balanced_subset(labels, fraction, seed)
+  chosen = subsets.balanced_subset(labels, fraction, seed)
   return ids[chosen], labels[chosen]
 
 

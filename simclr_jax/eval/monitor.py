@@ -3,8 +3,14 @@
 Every `config.train.eval_every_steps` steps and at the end, the pretraining job asks `Monitor`
 for two figures on the eval split, both on the encoder as it is (BN in inference mode):
   eval/probe_top1  the online linear probe (trained alongside, on stop_gradient(h)),
-  eval/knn_top1    weighted kNN (k, temperature of config.monitor) on h, with the first
-                   config.monitor.knn_max_train labelled train examples as memory.
+  eval/knn_top1    weighted kNN (k, temperature of config.monitor) on h; its memory is a fixed,
+                   seeded sample of config.monitor.knn_max_train labelled train examples
+                   whose class histogram follows the split's (subsets.knn_memory; all of them
+                   when they fit), the same at every evaluation. Not "the first N": an image
+                   folder lists its files class by class. The one exception is a TFDS split
+                   stored in a shuffled order (TFDS shuffles when it writes a data set), where
+                   the labels would cost a read of the whole split and the first examples
+                   already are a random sample of it.
 It reuses the evaluation package's one inference forward (features) and kNN (knn); the input
 comes from the pretraining input's seam, so views are made where the train views are.
 """
@@ -19,7 +25,7 @@ from jax.sharding import Mesh
 
 from simclr_jax.data import train_input
 from simclr_jax.errors import ConfigError
-from simclr_jax.eval import features, knn
+from simclr_jax.eval import features, knn, subsets
 
 
 class Monitor:
@@ -39,10 +45,20 @@ class Monitor:
     if self._batch % jax.process_count() or self._batch % mesh.size:
       raise ConfigError(f'config.monitor.batch_size={self._batch} must be a multiple of the '
                         f'device count ({mesh.size}).')
+    self._max = int(config.monitor.knn_max_train)
+    known = data.split_labels(self._splits[0])
+    # None: a TFDS split stored in a shuffled order (its first examples are a random sample),
+    # whose labels would cost a read of the whole split.
+    self.memory_ids = (None if known is None else
+                       subsets.knn_memory(*known, self._max, int(config.seed)))
+    if self.memory_ids is not None:
+      logging.info('kNN monitor memory: %d of the %d labelled %s examples (seeded, per class).',
+                   len(self.memory_ids), int((known[1] >= 0).sum()), self._splits[0])
 
-  def _extract(self, variables: Any, split: str, max_examples: int = 0) -> tuple[Any, Any]:
-    batches = self._data.eval_batches(split, self._batch)
-    if max_examples > 0:  # the first rows of the split: the same memory at every evaluation
+  def _extract(self, variables: Any, split: str, ids: Any = None, max_examples: int = 0
+               ) -> tuple[Any, Any]:
+    batches = self._data.eval_batches(split, self._batch, ids)
+    if max_examples > 0:  # the first rows of a split stored in a shuffled order
       batches = itertools.islice(batches, -(-max_examples // self._batch))
     return features.extract(self._predict, variables, batches, self._mesh)
 
@@ -60,14 +76,18 @@ class Monitor:
     if self._probe:
       acc = features.topk_accuracy(test['probe_logits'][labelled], test_labels[labelled])
       figures['eval/probe_top1'] = acc['top1']
-    memory, memory_labels = self._extract(variables, train_split, self._cfg.knn_max_train)
-    keep = memory_labels >= 0  # e.g. the unlabelled part of STL-10's train+unlabelled
-    if keep.any():
-      num_classes = self._num_classes or int(max(test_labels.max(), memory_labels.max())) + 1
-      acc = knn.knn_accuracy(memory['h'][keep], memory_labels[keep], test['h'][labelled],
-                             test_labels[labelled], num_classes, k=self._cfg.knn_k,
-                             temperature=self._cfg.knn_temperature)
-      figures['eval/knn_top1'] = acc['top1']
+    if self.memory_ids is None or len(self.memory_ids):
+      memory, memory_labels = self._extract(
+          variables, train_split, self.memory_ids,
+          self._max if self.memory_ids is None else 0)
+      keep = memory_labels >= 0  # e.g. the unlabelled part of STL-10's train+unlabelled
+      if keep.any():
+        num_classes = self._num_classes or int(max(test_labels.max(),
+                                                   memory_labels.max())) + 1
+        acc = knn.knn_accuracy(memory['h'][keep], memory_labels[keep], test['h'][labelled],
+                               test_labels[labelled], num_classes, k=self._cfg.knn_k,
+                               temperature=self._cfg.knn_temperature)
+        figures['eval/knn_top1'] = acc['top1']
     return {k: float(v) for k, v in figures.items()}
 
 
