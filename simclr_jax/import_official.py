@@ -68,7 +68,8 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 def self_check(saved_model_dir: str, model: simclr.SimCLR, variables: Any, images: np.ndarray,
                outputs: tuple[str, ...]) -> dict[str, float]:
   """{our output: relative error} against the SavedModel's own signature on `images`."""
-  from simclr_jax.data.tf_cpu import tf  # pylint: disable=g-import-not-at-top  (the SavedModel needs TF)
+  # TensorFlow only here: the SavedModel's own forward pass needs it.
+  from simclr_jax.data.tf_cpu import tf  # pylint: disable=g-import-not-at-top
   try:
     loaded = tf.saved_model.load(saved_model_dir)
     theirs = loaded(tf.constant(images), trainable=False)

@@ -136,10 +136,11 @@ LABELS_ALONE = ['--config.teacher=head', '--config.distill.kd_weight=0',
 @pytest.mark.skipif(not SLOW, reason='the demo pretraining and two distillation runs (about 10 '
                     'minutes on a 2-core CPU); set SIMCLR_SLOW=1')
 def test_demo_student_reaches_its_teacher_and_beats_the_labels_alone(tmp_path):
-  """On the digits with 1% of the labels (one per class): the student distilled from the
-  fine-tuned teacher on the unlabelled split reaches the teacher within 0.03 (measured 0.005;
-  0.03 is about 1.5 standard errors of an accuracy near 0.83 on 360 test digits) and beats the
-  same student trained on the ten labels alone by at least 0.10 (measured 0.175)."""
+  """On the digits with 1% of the labels (13, one or two per class): the student distilled from
+  the fine-tuned teacher on the unlabelled split reaches the teacher within 0.03 (measured
+  -0.005 and +0.008 in two pretraining runs; 0.03 is about 1.5 standard errors of an accuracy
+  near 0.83 on 360 test digits) and beats the same student trained on the 13 labels alone by at
+  least 0.10 (measured 0.175 and 0.231)."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   run = lambda *args: subprocess.run([sys.executable, '-m', 'simclr_jax.main', *args],  # noqa
                                      cwd=ROOT, env=env, check=True, timeout=1800,
@@ -151,6 +152,7 @@ def test_demo_student_reaches_its_teacher_and_beats_the_labels_alone(tmp_path):
       f'--workdir={tmp_path / "labels"}')
   kd, alone = (json.loads((tmp_path / name / distill.DISTILL_FILE).read_text())
                for name in ('kd', 'labels'))
-  assert kd['labels']['num_labelled'] == alone['labels']['num_labelled'] == 10
+  # 1% per class, rounded half-up with at least one: 13 of the 1,437 train digits
+  assert kd['labels']['num_labelled'] == alone['labels']['num_labelled'] == 13
   assert kd['student']['top1'] >= kd['teacher']['top1'] - 0.03, kd
   assert kd['student']['top1'] >= alone['student']['top1'] + 0.10, (kd, alone)

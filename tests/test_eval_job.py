@@ -297,7 +297,7 @@ def test_augmented_stream_draws_the_pretraining_views(pretrain, mesh):
   _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
   ctx = evaluate.Context(config, evaluate.data_config(config, whole), whole,
                          evaluate.resolve_probe(config.probe, whole), mesh,
-                         evaluate.make_feature_fn(model, mesh, 'h'))
+                         features.feature_fn(model, mesh, 'h'))
   enc = evaluate.Encoder('pretrained', variables, ctx)
   eval_feats, eval_labels = enc.features('train')
   p = linear_probe.protocol(ctx.probe, DEMO_TRAIN)
@@ -371,7 +371,7 @@ def test_bad_config_values_name_the_key(key, value, tmp_path):
 def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
   _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
   feats, labels = features.extract(
-      evaluate.make_feature_fn(model, mesh, 'h'), variables,
+      features.feature_fn(model, mesh, 'h'), variables,
       host_input.eval_iterator(_pretrain_config(), 'test', 64), mesh)
   assert feats.shape == (DEMO_TEST, 32) and labels.shape == (DEMO_TEST,)
   # Independent check: the first test batch through the model with the saved numpy variables.
@@ -383,5 +383,5 @@ def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
   assert max(numerics.rel_err(a, b) for a, b in zip(feats[:64], expected)) <= (
       numerics.FEATURE_RTOL)
   # The projection output as feature: traced only (its compile would cost seconds).
-  z = jax.eval_shape(evaluate.make_feature_fn(model, mesh, 'z'), variables, images)
+  z = jax.eval_shape(features.feature_fn(model, mesh, 'z'), variables, images)
   assert z.shape == (64, 128)

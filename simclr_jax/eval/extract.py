@@ -15,7 +15,6 @@ Every image is the evaluation view (views_tf.eval_view) at the pretraining image
 file is skipped and logged, or stops the job, as config.data.on_corrupt says.
 """
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -36,7 +35,6 @@ from simclr_jax.data.tf_cpu import tf
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import encoder, features
 
-FEATURES = ('h', 'z')
 SUMMARY_FILE = 'extract.json'
 
 
@@ -52,8 +50,8 @@ class Images:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ConfigError naming the first bad key of the extract config."""
   encoder.check_config(config)
-  if config.feature not in FEATURES:
-    raise ConfigError(f'config.feature={config.feature!r} is not one of {FEATURES}.')
+  if config.feature not in features.FEATURES:
+    raise ConfigError(f'config.feature={config.feature!r} is not one of {features.FEATURES}.')
   if config.eval_batch_size < 1:
     raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} must be >= 1.')
   if config.data.on_corrupt not in ('skip', 'error'):
@@ -168,13 +166,6 @@ def eval_batches(images: Images, size: int, batch_size: int, process_count: int
 # --- extraction --------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _predict_fn(model: Any, mesh: Mesh, feature: str) -> features.PredictFn:
-  """The jitted forward returning `feature`, kept: a second run in the process skips compiling."""
-  outputs = features.model_outputs(model, (feature,))
-  return features.make_predict_fn(lambda v, x: outputs(v, x)[feature], mesh)
-
-
 def extract_rows(predict_fn: features.PredictFn, variables: Any,
                  batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, num_total: int,
                  log_every_s: float = 10.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   images = resolve_input(config, pretrain_config, pi, pc)
   _, model, step, variables = encoder.restore(config.pretrain_workdir, config.checkpoint_step,
                                               mesh)
-  predict_fn = _predict_fn(model, mesh, config.feature)
+  predict_fn = features.feature_fn(model, mesh, config.feature)
   size = pretrain_config.data.image_size
   feats, labels, ids = extract_rows(
       predict_fn, variables, eval_batches(images, size, config.eval_batch_size, pc), mesh,

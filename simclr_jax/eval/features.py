@@ -5,6 +5,7 @@ sharded on "data"); `extract` runs it over a per-process padded input (rows with
 padding) and gathers every real row on every process, so each example counts exactly once on any
 number of devices and processes.
 """
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ from simclr_jax import parallel
 
 # (variables, images [b, H, W, 3]) -> a pytree of [b, ...] arrays.
 PredictFn = Callable[[Any, jax.Array], Any]
+FEATURES = ('h', 'z')  # what the evaluation and extract jobs read: encoder or projection output
 
 
 def model_outputs(model: nn.Module, names: Sequence[str] = ('h',)) -> PredictFn:
@@ -35,6 +37,14 @@ def make_predict_fn(apply_fn: PredictFn, mesh: Mesh) -> PredictFn:
   """`apply_fn` jitted for `mesh`: variables replicated; images and every output sharded."""
   return jax.jit(apply_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
+
+
+@functools.lru_cache(maxsize=4)
+def feature_fn(model: nn.Module, mesh: Mesh, feature: str) -> PredictFn:
+  """The jitted inference forward returning the one output `feature` ('h' or 'z'); cached, so a
+  second job in the process (or the random-encoder baseline) reuses its compilation."""
+  outputs = model_outputs(model, (feature,))
+  return make_predict_fn(lambda v, x: outputs(v, x)[feature], mesh)
 
 
 def extract(predict_fn: PredictFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],

@@ -29,7 +29,6 @@ from simclr_jax.eval import features, finetune, knn, linear_probe, pictures
 RESULTS_FILE = 'results.json'
 EMBEDDING_FILE = 'embedding.png'  # t-SNE map of the eval split's features
 CURVES_FILE = 'curves.png'  # the pretraining run's loss and accuracies against step
-FEATURES = ('h', 'z')
 PROBE_MODES = ('augmented', 'cached')
 LR_SCALINGS = ('linear', 'sqrt')
 # The official code's CIFAR-size rule (tf2/data.py: `if FLAGS.image_size <= 32: test_crop =
@@ -65,7 +64,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """ConfigError naming the first bad key of the evaluation config."""
   encoder_lib.check_config(config)
   evaluator_names(config)
-  choices = {'feature': (config.feature, FEATURES), 'probe.mode': (config.probe.mode, PROBE_MODES),
+  choices = {'feature': (config.feature, features.FEATURES),
+             'probe.mode': (config.probe.mode, PROBE_MODES),
              'probe.lr_scaling': (config.probe.lr_scaling, LR_SCALINGS),
              'finetune.lr_scaling': (config.finetune.lr_scaling, LR_SCALINGS),
              'finetune.optimizer': (config.finetune.optimizer, finetune.OPTIMIZERS)}
@@ -135,12 +135,6 @@ def _check_labels(labels: np.ndarray, num_classes: int, split: str) -> None:
 
 
 # --- what the evaluators see ---------------------------------------------------------------------
-
-
-def make_feature_fn(model: Any, mesh: Mesh, feature: str) -> features.PredictFn:
-  """The jitted inference forward returning the one output `feature` ('h' or 'z')."""
-  outputs = features.model_outputs(model, (feature,))
-  return features.make_predict_fn(lambda v, x: outputs(v, x)[feature], mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +350,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                ', '.join(names), config.feature)
   # One jitted forward for every encoder: the random baseline reuses its compilation.
   ctx = Context(config, cfg, pretrain_config, probe, mesh,
-                make_feature_fn(model, mesh, config.feature))
+                features.feature_fn(model, mesh, config.feature))
 
   pretrained = Encoder('pretrained', variables, ctx)
   results = {name: EVALUATORS[name](pretrained, ctx) for name in names}

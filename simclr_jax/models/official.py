@@ -210,8 +210,10 @@ def _checkpoint_prefix(path: str, gfile: Any) -> tuple[str, str | None]:
 
 def read_checkpoint(path: str) -> Checkpoint:
   """The official checkpoint at `path`: a SavedModel dir, a checkpoint dir or prefix (or gs://)."""
-  from simclr_jax.data.tf_cpu import tf  # pylint: disable=g-import-not-at-top  (only the reader needs TF)
-  from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
+  # TensorFlow only here: reading a TF checkpoint and its object graph needs it.
+  from simclr_jax.data.tf_cpu import tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import (  # pylint: disable=g-import-not-at-top
+      trackable_object_graph_pb2)
   prefix, saved_model = _checkpoint_prefix(path, tf.io.gfile)
   try:
     reader = tf.train.load_checkpoint(prefix)
