@@ -105,7 +105,7 @@ def make_step(student: finetune.Classifier, teacher_apply: Any, tx: optax.Gradie
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, new_stats, loss
 
-  rep = parallel.replicated(mesh)
+  rep = parallel.replicated_sharding(mesh)
   return jax.jit(step, out_shardings=(rep, rep, rep, rep))
 
 

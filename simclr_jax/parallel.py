@@ -68,7 +68,7 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding that keeps a full copy on every device (parameters, optimiser state)."""
   return NamedSharding(mesh, P())
 
@@ -130,4 +130,4 @@ def device_prefetch(it: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree on every device of the mesh (for the initial train state)."""
-  return jax.device_put(tree, replicated(mesh))
+  return jax.device_put(tree, replicated_sharding(mesh))

@@ -144,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- loop --------------------------------------------------------------------------------
     for step in range(start_step + 1, num_steps + 1):
-      state, step_metrics = step_fn(state, next(batches), data.data)
+      state, step_metrics = step_fn(state, next(batches), data.device_arrays)
       evaluate = monitor is not None and (step % every == 0 or step == num_steps)
       if step % config.train.log_every_steps == 0 or step == num_steps or evaluate:
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

@@ -46,7 +46,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arra
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params))
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
+  return jax.jit(init, out_shardings=parallel.replicated_sharding(mesh))(rng)
 
 
 def views_to_batch(view1: jax.Array, view2: jax.Array) -> jax.Array:
@@ -156,7 +156,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   step = partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                  temperature=temperature, mesh=mesh, chunks=chunks)
-  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  replicated, sharded = parallel.replicated_sharding(mesh), parallel.batch_sharded(mesh)
 
   def prepared_step(state: TrainState, batch: Batch, data: Any) -> tuple[TrainState, Metrics]:
     return step(state, batch if prepare is None else prepare(batch, data))

@@ -323,8 +323,8 @@ def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
   tx, lr = optim.make_optimizer(config.optim, 32, 1437, 100)
   state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(0), (8, 8, 3),
                                                        mesh))  # shapes only: nothing compiles
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                      sharding=parallel.replicated(mesh)), state)
+  rep = parallel.replicated_sharding(mesh)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
   step = train_step.make_train_step(
       model, tx, lr, 0.5, mesh, prepare=device_input.device_prepare(config, mesh, data.layout),
       data_sharding=data.sharding)

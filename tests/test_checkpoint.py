@@ -77,7 +77,7 @@ def _with_step(state, mesh, step):
 
 def _abstract_on(state, mesh):
   """Restore target for `mesh`: shapes and dtypes of `state`, replicated on `mesh`."""
-  sharding = parallel.replicated(mesh)
+  sharding = parallel.replicated_sharding(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
@@ -93,7 +93,7 @@ def test_save_restore_is_bit_identical(tmp_path, state, mesh):
   assert checkpoint.latest_step(str(tmp_path)) == 7
   restored = checkpoint.restore_latest(mgr, state)
   _assert_identical(restored, expected)
-  assert all(x.sharding.is_equivalent_to(parallel.replicated(mesh), x.ndim)
+  assert all(x.sharding.is_equivalent_to(parallel.replicated_sharding(mesh), x.ndim)
              for x in jax.tree.leaves(restored))
   checkpoint.close(mgr)
 

@@ -12,10 +12,18 @@ from simclr_jax import train_step as ts
 from simclr_jax.models import simclr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(path):
+  # The same loader as --config=path, so what is tested is what users run.
+  loader = config_flags.config_flags._LoadConfigModule  # pylint: disable=protected-access
+  return loader('cfg', path).get_config()
+
+
+# The pretraining recipes: every config file whose job is 'pretrain' (base.py is their base).
 PRETRAIN_RECIPES = sorted(
     p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-    if os.path.basename(p) not in ('__init__.py', 'base.py', 'linear_eval.py', 'export.py',
-                                   'extract.py'))
+    if os.path.basename(p) not in ('__init__.py', 'base.py') and _load(p).job == 'pretrain')
 
 # Official flag defaults (google-research/simclr tf2/run.py) that the README commands keep.
 OFFICIAL_DEFAULTS = {
@@ -47,12 +55,6 @@ OFFICIAL_COMMANDS = {
         'augment.blur': True, 'augment.jitter_strength': 1.0, 'data.name': 'imagenet2012',
         'data.eval_split': 'validation'},
 }
-
-
-def _load(path):
-  # The same loader as --config=path, so what is tested is what users run.
-  loader = config_flags.config_flags._LoadConfigModule  # pylint: disable=protected-access
-  return loader('cfg', path).get_config()
 
 
 def _get(config, dotted):
@@ -108,8 +110,8 @@ def test_recipe_compiles_at_tiny_size(path, devices):
   size = 8 if config.model.cifar_stem else 32
   state = jax.eval_shape(lambda: ts.init_state(model, tx, jax.random.key(0), (size,) * 2 + (3,),
                                                mesh))
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                      sharding=parallel.replicated(mesh)), state)
+  rep = parallel.replicated_sharding(mesh)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharded(mesh))
            for k, shape, dtype in [('view1', (16, size, size, 3), 'float32'),
                                    ('view2', (16, size, size, 3), 'float32'),

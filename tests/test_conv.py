@@ -128,7 +128,7 @@ def test_forward_and_gradients_match_lax(k, stride, dtype, impl):
 def test_batch_sharded_over_8_devices_matches_single_device_lax(devices, k, stride, impl):
   x, w, ct = _inputs(k, stride, n=8)
   mesh = parallel.make_mesh(devices)
-  rows, rep = parallel.batch_sharded(mesh), parallel.replicated(mesh)
+  rows, rep = parallel.batch_sharded(mesh), parallel.replicated_sharding(mesh)
   sharded = jax.jit(_conv_and_grads, static_argnums=(3, 4, 5), in_shardings=(rows, rep, rows),
                     out_shardings=(rows, rows, rep))
   got = sharded(x, w, ct, stride, impl, jnp.float32)

@@ -121,7 +121,7 @@ def test_restores_exactly_the_saved_variables_on_the_mesh(pretrain, mesh):
   assert jax.tree.structure(variables) == jax.tree.structure(saved)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(variables),
                                jax.tree.leaves(saved)):
-    assert got.sharding.is_equivalent_to(parallel.replicated(mesh), got.ndim), path
+    assert got.sharding.is_equivalent_to(parallel.replicated_sharding(mesh), got.ndim), path
     np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(path))
   # An explicit step restores the same checkpoint.
   assert encoder.restore(workdir, STEP, mesh)[2] == STEP

@@ -51,9 +51,11 @@ def program_flops(lowered: jax.stages.Lowered) -> float:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if not cost or 'flops' not in cost:
     try:
-      from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public API)
+      # Private: XLA's HLO cost analysis has no public JAX API (the backend has:
+      # jax.extend.backend).
       from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-      cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'),
+      from jax.extend import backend  # pylint: disable=g-import-not-at-top
+      cost = _jax.hlo_module_cost_analysis(backend.get_backend('cpu'),
                                            lowered.compiler_ir('hlo').as_hlo_module())
     except Exception:  # pylint: disable=broad-except  # private API moved: report no FLOPs
       return float('nan')

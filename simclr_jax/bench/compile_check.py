@@ -117,8 +117,8 @@ def compile_step(config: Any, devices: list[Any], num_examples: int = 1_281_167
   tx, lr = optim.make_optimizer(config.optim, batch_size, num_examples, num_steps)
   state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(config.seed),
                                                        (size, size, 3), mesh))
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                      sharding=parallel.replicated(mesh)), state)
+  rep = parallel.replicated_sharding(mesh)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharded(mesh))
            for k, shape, dtype in [('view1', (batch_size, size, size, 3), 'float32'),
                                    ('view2', (batch_size, size, size, 3), 'float32'),

@@ -40,6 +40,8 @@ _F32_BYTES = 4
 
 def request_host_devices(count: int) -> bool:
   """Asks XLA for `count` emulated CPU devices if JAX has not started; True if the flag is set."""
+  # Private: JAX has no public way to ask whether its backends have started (the flag below
+  # only takes effect before they do).
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if count <= 0:
     return False

@@ -44,7 +44,7 @@ class TrainInput:
   # None where reading them would mean reading the split and its stored order is shuffled.
   split_labels: Callable[[str], tuple[np.ndarray, np.ndarray] | None]
   eval_prepare: Callable[[Any], Any] | None = None
-  data: Any = None  # the step's `data` argument: device-resident arrays, or None
+  device_arrays: Any = None  # the step's `data` argument: the device-resident split, or None
   data_sharding: Any = None  # sharding of `data` (None: replicated)
 
 
@@ -79,7 +79,7 @@ def make(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainInput:
             read(split), global_batch, ids),
         split_labels=lambda split: (read(split).ids, read(split).labels),
         eval_prepare=lambda images: views_jax.eval_views(images, size),
-        data=dataset.arrays, data_sharding=dataset.sharding)
+        device_arrays=dataset.arrays, data_sharding=dataset.sharding)
 
   from simclr_jax.data import host_input, sources  # pylint: disable=g-import-not-at-top  (TF)
   split = config.data.augment_on == 'split'

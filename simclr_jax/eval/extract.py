@@ -174,7 +174,7 @@ def extract_rows(predict_fn: features.PredictFn, variables: Any,
   features.extract with the example index carried along (so rows can be put back in example
   order whatever the device and process layout) and a progress line every `log_every_s`.
   """
-  variables = jax.device_put(variables, parallel.replicated(mesh))
+  variables = jax.device_put(variables, parallel.replicated_sharding(mesh))
   outs, labels, ids = [], [], []
   start = last = time.time()
   done = 0

@@ -35,7 +35,8 @@ def model_outputs(model: nn.Module, names: Sequence[str] = ('h',)) -> PredictFn:
 
 def make_predict_fn(apply_fn: PredictFn, mesh: Mesh) -> PredictFn:
   """`apply_fn` jitted for `mesh`: variables replicated; images and every output sharded."""
-  return jax.jit(apply_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+  return jax.jit(apply_fn,
+                 in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
 
 
@@ -56,7 +57,7 @@ def extract(predict_fn: PredictFn, variables: Any, batches: Iterable[Mapping[str
   numpy leaves [n, ...]; rows come in global batch order (process 0's rows of a batch, then
   process 1's, ...), batch after batch.
   """
-  variables = jax.device_put(variables, parallel.replicated(mesh))
+  variables = jax.device_put(variables, parallel.replicated_sharding(mesh))
   outs, labels = [], []
   for batch in batches:
     arrays = parallel.host_batch_to_global(

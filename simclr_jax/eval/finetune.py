@@ -185,7 +185,7 @@ def make_train_step(module: Classifier, tx: optax.GradientTransformation, mesh: 
     updates, opt_state = tx.update(grads, opt_state, trained)
     return optax.apply_updates(trained, updates), opt_state, new_stats, loss
 
-  rep = parallel.replicated(mesh)
+  rep = parallel.replicated_sharding(mesh)
   return jax.jit(step, out_shardings=(rep, rep, rep, rep))
 
 
@@ -202,15 +202,15 @@ def data_config(cfg: ml_collections.ConfigDict, ft: ml_collections.ConfigDict
   return merged
 
 
-def _batches(data: ml_collections.ConfigDict, ft: ml_collections.ConfigDict,
+def _batches(ft_data: ml_collections.ConfigDict, ft: ml_collections.ConfigDict,
              indices: np.ndarray | None, mesh: Mesh) -> Any:
   """Endless global (images, labels) batches of crop (+ flip) views of the labelled examples."""
-  num_classes = data.data.num_classes
+  num_classes = ft_data.data.num_classes
   for batch in host_input.probe_train_iterator(
-      data, int(ft.batch_size), crop_area=tuple(ft.crop_area), flip=bool(ft.flip),
+      ft_data, int(ft.batch_size), crop_area=tuple(ft.crop_area), flip=bool(ft.flip),
       indices=indices, batch_key='finetune.batch_size'):
     if batch['label'].min() < 0 or batch['label'].max() >= num_classes:
-      raise ConfigError(f'split {data.data.train_split!r} has labels outside [0, '
+      raise ConfigError(f'split {ft_data.data.train_split!r} has labels outside [0, '
                         f'{num_classes}); fine-tuning needs a labelled split '
                         '(config.finetune.train_split / config.data.train_split).')
     arrays = parallel.host_batch_to_global({'image': batch['image'], 'label': batch['label']},
@@ -228,37 +228,39 @@ def finetune(variables: Any, pretrain_config: ml_collections.ConfigDict,
   Returns (results with top-1/top-5 on the eval split and the protocol, the fine-tuned
   {'params', 'batch_stats'} of the Classifier).
   """
-  data = data_config(cfg, ft)
+  ft_data = data_config(cfg, ft)
   ft = linear_probe.resolve_views(ft, pretrain_config.augment)
   model_cfg = pretrain_config.model
   selector, from_block = proj_selector(ft, model_cfg), int(ft.from_block)
-  module = build_classifier(model_cfg, data.data.num_classes, from_block, selector)
+  module = build_classifier(model_cfg, ft_data.data.num_classes, from_block, selector)
   fraction = float(ft.label_fraction)
-  indices = label_subset(data, fraction, cfg.seed)[0] if fraction < 1.0 else None
-  n = host_input.num_examples(data) if indices is None else len(indices)
+  indices = label_subset(ft_data, fraction, cfg.seed)[0] if fraction < 1.0 else None
+  n = host_input.num_examples(ft_data) if indices is None else len(indices)
   steps = optim.train_steps(n, ft)
   tx, _ = make_optimizer(ft, n, steps)
 
-  init = initial_variables(module, variables, data.data.image_size, pretrain_workdir)
+  init = initial_variables(module, variables, ft_data.data.image_size, pretrain_workdir)
   frozen, trained = split_params(init['params'], from_block)
   opt_state = jax.tree.map(np.asarray, tx.init(trained))
   trained, opt_state, frozen, batch_stats = parallel.replicate(
       (trained, opt_state, frozen, init['batch_stats']), mesh)
   step = make_train_step(module, tx, mesh)
-  for _, (images, labels) in zip(range(steps), _batches(data, ft, indices, mesh)):
+  for _, (images, labels) in zip(range(steps), _batches(ft_data, ft, indices, mesh)):
     trained, opt_state, batch_stats, _ = step(trained, opt_state, frozen, batch_stats, images,
                                               labels)
 
   tuned = {'params': merge_params(frozen, trained), 'batch_stats': batch_stats}
   logits_fn = features.make_predict_fn(lambda v, x: module.apply(v, x, train=False), mesh)
   logits, labels = features.extract(
-      logits_fn, tuned, host_input.eval_iterator(data, data.data.eval_split, eval_batch_size),
+      logits_fn, tuned,
+      host_input.eval_iterator(ft_data, ft_data.data.eval_split, eval_batch_size),
       mesh)
   results = {
       **features.topk_accuracy(logits, labels), 'label_fraction': fraction,
       'num_train_examples': int(n), 'num_test': int(len(labels)),
-      'data': {'dataset': data.data.name if data.data.source == 'tfds' else data.data.source,
-               'train_split': data.data.train_split, 'eval_split': data.data.eval_split},
+      'data': {'dataset': (ft_data.data.name if ft_data.data.source == 'tfds'
+                           else ft_data.data.source),
+               'train_split': ft_data.data.train_split, 'eval_split': ft_data.data.eval_split},
       'protocol': {
           'optimizer': ft.optimizer, 'base_lr': float(ft.base_lr), 'lr_scaling': ft.lr_scaling,
           'learning_rate': optim.scaled_learning_rate(float(ft.base_lr), int(ft.batch_size),
