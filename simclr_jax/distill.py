@@ -124,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # --- teacher ------------------------------------------------------------------------------
   pretrain_config, model, step, variables = encoder_lib.restore(config.pretrain_workdir,
                                                                 config.checkpoint_step, mesh)
-  cfg = eval_job.data_config(config, pretrain_config)
+  cfg = eval_job.input_config(config, pretrain_config)
   if not cfg.data.num_classes:
     raise ConfigError('config.data.num_classes is 0: distillation needs the teacher\'s classes; '
                       'set config.data.num_classes.')

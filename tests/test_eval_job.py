@@ -213,7 +213,7 @@ def test_pixel_baseline_matches_logistic_regression_on_the_same_pixels(results):
 def test_pixel_baseline_caps_its_train_examples_by_memory(pretrain, mesh):
   config = _eval_config(pretrain[0])
   config.pixels.max_mb = 300 * 8 * 8 * 3 * 4 / 2**20  # room for 300 of the 1437 train digits
-  cfg = evaluate.data_config(config, _pretrain_config())
+  cfg = evaluate.input_config(config, _pretrain_config())
   ctx = evaluate.Context(config, cfg, _pretrain_config(),
                          evaluate.resolve_probe(config.probe, _pretrain_config()), mesh,
                          feature_fn=None)
@@ -295,7 +295,7 @@ def test_augmented_stream_draws_the_pretraining_views(pretrain, mesh):
   whole.augment.crop_area, whole.augment.flip = (1.0, 1.0), False
   config = _eval_config(pretrain[0])
   _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
-  ctx = evaluate.Context(config, evaluate.data_config(config, whole), whole,
+  ctx = evaluate.Context(config, evaluate.input_config(config, whole), whole,
                          evaluate.resolve_probe(config.probe, whole), mesh,
                          features.feature_fn(model, mesh, 'h'))
   enc = evaluate.Encoder('pretrained', variables, ctx)

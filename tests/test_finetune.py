@@ -29,7 +29,7 @@ def _ft_config(pretrain_workdir, **ft):
 
 
 def _data_cfg(config):
-  return evaluate.data_config(config, _pretrain_config())
+  return evaluate.input_config(config, _pretrain_config())
 
 
 def test_defaults_are_the_official_semi_supervised_command():
@@ -49,9 +49,9 @@ def test_defaults_are_the_official_semi_supervised_command():
 def test_finetune_data_set_and_splits_override_the_pretraining_ones():
   cfg = _data_cfg(_eval_config('unused'))
   ft = linear_eval.get_config().finetune
-  assert finetune.data_config(cfg, ft).data.to_dict() == cfg.data.to_dict()
+  assert finetune.with_finetune_data(cfg, ft).data.to_dict() == cfg.data.to_dict()
   ft.dataset, ft.eval_split = 'imagenet2012_subset/1pct', 'validation'
-  data = finetune.data_config(cfg, ft).data
+  data = finetune.with_finetune_data(cfg, ft).data
   assert (data.source, data.name, data.train_split, data.eval_split) == (
       'tfds', 'imagenet2012_subset/1pct', 'train', 'validation')
 

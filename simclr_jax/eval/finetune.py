@@ -189,8 +189,8 @@ def make_train_step(module: Classifier, tx: optax.GradientTransformation, mesh: 
   return jax.jit(step, out_shardings=(rep, rep, rep, rep))
 
 
-def data_config(cfg: ml_collections.ConfigDict, ft: ml_collections.ConfigDict
-                ) -> ml_collections.ConfigDict:
+def with_finetune_data(cfg: ml_collections.ConfigDict, ft: ml_collections.ConfigDict
+                       ) -> ml_collections.ConfigDict:
   """The data config fine-tuning reads: cfg with config.finetune's data set and splits."""
   merged = ml_collections.ConfigDict(cfg.to_dict())
   if ft.dataset:
@@ -228,7 +228,7 @@ def finetune(variables: Any, pretrain_config: ml_collections.ConfigDict,
   Returns (results with top-1/top-5 on the eval split and the protocol, the fine-tuned
   {'params', 'batch_stats'} of the Classifier).
   """
-  ft_data = data_config(cfg, ft)
+  ft_data = with_finetune_data(cfg, ft)
   ft = linear_probe.resolve_views(ft, pretrain_config.augment)
   model_cfg = pretrain_config.model
   selector, from_block = proj_selector(ft, model_cfg), int(ft.from_block)

@@ -112,9 +112,10 @@ def resolve_probe(probe: ml_collections.ConfigDict,
   return resolved
 
 
-def data_config(config: ml_collections.ConfigDict,
-                pretrain_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The pretraining config with the eval job's seed and its non-None data overrides applied."""
+def input_config(config: ml_collections.ConfigDict,
+                 pretrain_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What the evaluation's input reads: the pretraining config with the eval job's seed and its
+  non-None data overrides applied."""
   merged = ml_collections.ConfigDict(pretrain_config.to_dict())
   merged.seed = config.seed
   for key, value in config.data.items():
@@ -141,7 +142,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, split: str) -> None:
 class Context:
   """The job's settings shared by every evaluator."""
   config: ml_collections.ConfigDict  # the evaluation config
-  cfg: ml_collections.ConfigDict  # the pretraining config with the data overrides and seed
+  input_config: ml_collections.ConfigDict  # input_config(): pretraining config + overrides
   pretrain_config: ml_collections.ConfigDict
   probe: ml_collections.ConfigDict  # config.probe with its preset applied
   mesh: Mesh
@@ -149,12 +150,12 @@ class Context:
 
   @property
   def num_classes(self) -> int:
-    return int(self.cfg.data.num_classes)
+    return int(self.input_config.data.num_classes)
 
   @property
   def class_names(self) -> list[str] | None:
     """The folder source's class names (labels are positions in the list), else None."""
-    return list(self.cfg.data.get('classes', ())) or None
+    return list(self.input_config.data.get('classes', ())) or None
 
 
 @dataclasses.dataclass
@@ -169,7 +170,7 @@ class Encoder:
     """(features [n, d], labels [n]) of every example of `split` (eval view, each once)."""
     if split not in self._features:
       ctx = self.ctx
-      batches = host_input.eval_iterator(ctx.cfg, split, ctx.config.eval_batch_size)
+      batches = host_input.eval_iterator(ctx.input_config, split, ctx.config.eval_batch_size)
       feats, labels = features.extract(ctx.feature_fn, self.variables, batches, ctx.mesh)
       _check_labels(labels, ctx.num_classes, split)
       self._features[split] = feats, labels
@@ -183,19 +184,19 @@ def _augmented_batches(enc: Encoder, p: linear_probe.Protocol
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Endless (features, labels) of fresh crop (+ flip) views through the frozen encoder."""
   ctx = enc.ctx
-  for batch in host_input.probe_train_iterator(ctx.cfg, p.batch_size,
+  for batch in host_input.probe_train_iterator(ctx.input_config, p.batch_size,
                                                crop_area=tuple(ctx.probe.crop_area),
                                                flip=bool(ctx.probe.flip)):
-    _check_labels(batch['label'], ctx.num_classes, ctx.cfg.data.train_split)
+    _check_labels(batch['label'], ctx.num_classes, ctx.input_config.data.train_split)
     batch = {**batch, 'mask': np.ones(batch['label'].shape, bool)}
     yield features.extract(ctx.feature_fn, enc.variables, [batch], ctx.mesh)
 
 
 def eval_linear_probe(enc: Encoder, ctx: Context) -> dict[str, Any]:
   """Top-1/top-5 of the linear probe on the eval split, with the protocol that produced them."""
-  data = ctx.cfg.data
+  data = ctx.input_config.data
   test_feats, test_labels = enc.features(data.eval_split)
-  p = linear_probe.protocol(ctx.probe, host_input.num_examples(ctx.cfg))
+  p = linear_probe.protocol(ctx.probe, host_input.num_examples(ctx.input_config))
   if p.mode == 'cached':
     train_feats, train_labels = enc.features(data.train_split)
     params = linear_probe.train_cached(train_feats, train_labels, ctx.num_classes, p,
@@ -214,7 +215,7 @@ def eval_linear_probe(enc: Encoder, ctx: Context) -> dict[str, Any]:
 
 def eval_knn(enc: Encoder, ctx: Context) -> dict[str, Any]:
   """Top-1/top-5 of the weighted kNN on eval-view features (train split as memory)."""
-  data = ctx.cfg.data
+  data = ctx.input_config.data
   train_feats, train_labels = enc.features(data.train_split)
   test_feats, test_labels = enc.features(data.eval_split)
   k, temperature = int(ctx.config.knn.k), float(ctx.config.knn.temperature)
@@ -225,7 +226,7 @@ def eval_knn(enc: Encoder, ctx: Context) -> dict[str, Any]:
 
 def eval_finetune(enc: Encoder, ctx: Context) -> dict[str, Any]:
   """Top-1/top-5 after fine-tuning (config.finetune); the fine-tuned weights are not kept."""
-  results, _ = finetune.finetune(enc.variables, ctx.pretrain_config, ctx.cfg,
+  results, _ = finetune.finetune(enc.variables, ctx.pretrain_config, ctx.input_config,
                                  ctx.config.finetune, ctx.mesh, ctx.config.eval_batch_size,
                                  ctx.config.pretrain_workdir)
   return results
@@ -243,7 +244,8 @@ def pixel_baseline(ctx: Context) -> dict[str, Any]:
   The train examples are capped by config.pixels.max_mb of float32 pixels: beyond that, a
   seeded class-balanced subset of the train split; the test split is streamed whole.
   """
-  cfg, size, batch = ctx.cfg, ctx.cfg.data.image_size, ctx.config.eval_batch_size
+  cfg, batch = ctx.input_config, ctx.config.eval_batch_size
+  size = cfg.data.image_size
   n = host_input.num_examples(cfg)
   cap = max(1, int(ctx.config.pixels.max_mb * 2**20 // (size * size * 3 * 4)))
   ids = finetune.label_subset(cfg, cap / n, cfg.seed)[0] if n > cap else None
@@ -270,8 +272,8 @@ def pixel_baseline(ctx: Context) -> dict[str, Any]:
 def _pictures(workdir: str, ctx: Context, pretrained: Encoder, rand: Encoder | None) -> None:
   """EVAL_WORKDIR/embedding.png (t-SNE of eval-split h, the random encoder's beside it) and
   curves.png (the pretraining run's metrics.jsonl); a missing metrics file is only a warning."""
-  feats, labels = pretrained.features(ctx.cfg.data.eval_split)
-  baseline = rand.features(ctx.cfg.data.eval_split)[0] if rand is not None else None
+  feats, labels = pretrained.features(ctx.input_config.data.eval_split)
+  baseline = rand.features(ctx.input_config.data.eval_split)[0] if rand is not None else None
   out = epath.Path(workdir)
   pictures.embedding_map(str(out / EMBEDDING_FILE), feats, labels, ctx.class_names, baseline,
                          seed=ctx.config.seed)
@@ -332,7 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # Checked before any restore or compile: unlabelled data is a config error, found fast.
   pretrain_config = workdir_lib.read_config(config.pretrain_workdir)
-  cfg = data_config(config, pretrain_config)
+  cfg = input_config(config, pretrain_config)
   if not cfg.data.num_classes or cfg.data.num_classes < 1:
     raise ConfigError(
         f'config.data.num_classes={cfg.data.num_classes}: the data set has no labels, so there '
