@@ -223,8 +223,11 @@ def _write(workdir: str, cfg: ml_collections.ConfigDict, student_cfg: ml_collect
                                 batch_stats=stats,
                                 opt_state=jax.tree.map(np.asarray, tx.init(params)))
   mgr = checkpoint.manager(workdir, save_every_steps=1, keep=1)
-  checkpoint.save(mgr, parallel.replicate(state, mesh), force=True)
+  saved = checkpoint.save(mgr, parallel.replicate(state, mesh), force=True)
   checkpoint.close(mgr)
+  if not saved:  # checkpoint.save keeps NaN/inf out of a workdir
+    raise ConfigError(f'the student diverged (non-finite parameters) after {steps} steps; '
+                      'nothing was saved in the workdir: lower config.distill.base_lr.')
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, run_config)
     (epath.Path(workdir) / DISTILL_FILE).write_text(json.dumps(record, indent=1, default=float))

@@ -156,8 +156,12 @@ def _write(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.ensure_writable(workdir, checkpoints=True)
     with workdir_lib.lock(workdir):
       mgr = checkpoint.manager(workdir, save_every_steps=1, keep=1)
-      checkpoint.save(mgr, parallel.replicate(state, mesh), force=True)
+      saved = checkpoint.save(mgr, parallel.replicate(state, mesh), force=True)
       checkpoint.close(mgr)
+      if not saved:  # checkpoint.save keeps NaN/inf out of a workdir
+        raise official.OfficialImportError(
+            f'{record["source"]}: the imported parameters are not finite (NaN or inf); '
+            'nothing was written.')
       if jax.process_index() == 0:
         workdir_lib.write_config(workdir, pretrain_config)
         record['written'] = time.strftime('%Y-%m-%dT%H:%M:%S%z')

@@ -174,3 +174,20 @@ def test_an_imported_sk_model_exports_to_torch_with_the_official_outputs(name, s
   err = numerics.rel_err(h, want)
   print(f'{name}: torch export h vs the official TF2 outputs, relative error {err:.1e}')
   assert err <= numerics.FEATURE_RTOL, err
+
+
+def test_non_finite_values_are_refused_and_nothing_is_written(monkeypatch, tmp_path):
+  """A checkpoint holding NaN: checkpoint.save refuses non-finite parameters, so the job stops
+  instead of leaving a config.json without a checkpoint."""
+  read = official.read_checkpoint
+
+  def with_nan(path):
+    ckpt = read(path)
+    tensor = ckpt.tensor
+    ckpt.tensor = lambda key: tensor(key) * np.float32('nan')
+    return ckpt
+  monkeypatch.setattr(official, 'read_checkpoint', with_nan)
+  config = _config('r50_se_w16', os.path.join(FIXTURES, 'r50_se_w16'))
+  with pytest.raises(official.OfficialImportError, match=r'not finite .*nothing was written'):
+    import_official.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
