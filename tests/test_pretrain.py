@@ -74,7 +74,7 @@ def test_failed_async_save_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     return await real_write(rslices, tspec, **kwargs)
 
   # Step 9 starts only once the step-8 save has ended (failed), however slow this machine is:
-  # the run must then stop after step 9, not at the next save (step 12, the last).
+  # the run must then stop after step 9 at the latest, not at the next save (step 12, the last).
   managers = []
   real_save, real_make = checkpoint.save, ts.make_train_step
 
@@ -99,8 +99,13 @@ def test_failed_async_save_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
   with pytest.raises(checkpoint.SaveError) as err:
     pretrain.run(config, str(tmp_path))
   ckpt_dir = tmp_path / 'checkpoints'
-  assert str(err.value) == (
-      f'training stopped after step 9: saving the checkpoint of step 8 in {ckpt_dir} failed '
+  # The step-8 save fails in orbax's background thread: on a busy machine it may have failed
+  # before the check right after step 8, else step 9 waits for it (above). Either way the run
+  # stops at the first step boundary that knows, never at the next save (step 12).
+  message = str(err.value)
+  assert re.fullmatch(r'training stopped after step [89]: .*', message), message
+  assert message.split(': ', 1)[1] == (
+      f'saving the checkpoint of step 8 in {ckpt_dir} failed '
       '(OSError: [Errno 28] No space left on device); the checkpoints already there are intact '
       '(latest: step 4). Fix the storage (e.g. free disk space, check permissions), then rerun '
       'the same command to resume.')
