@@ -16,8 +16,7 @@ import ml_collections
 import optax
 
 from simclr_jax.errors import ConfigError
-
-PROBE = 'probe'  # top-level parameter collection of the online probe (models/simclr.py)
+from simclr_jax.models.simclr import PROBE
 
 
 def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:

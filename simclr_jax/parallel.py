@@ -5,13 +5,21 @@ are replicated; batches are sharded on their leading axis. Nothing here imports 
 """
 import collections
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simclr_jax.errors import ConfigError
+
+# A global batch on the mesh, sharded on "data": for the train step {'view1', 'view2', 'label'}
+# once prepared. (The host's numpy rows before they become one: data.train_input.HostBatch.)
+Batch = dict[str, jax.Array]
+# The input's in-step half: (raw global batch, device-resident data or None) → {'view1', 'view2',
+# 'label'}; pure and jittable. data/train_input makes it for its augment_on mode; the train
+# step calls it inside its jit.
+Prepare = Callable[[Batch, Any], Batch]
 
 DATA_AXIS = 'data'
 _CPU_DEVICE_FLAG = '--xla_force_host_platform_device_count'
@@ -101,6 +109,20 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def num_padded_batches(num_examples_total: int, batch_size: int, process_count: int,
+                       num_selected: int | None = None) -> int:
+  """Batches per process of a padded evaluation stream: the same on every process, so their
+  forwards stay in lockstep.
+
+  With a subset of `num_selected` examples a process's shard may hold up to all of them, so on
+  several processes this is an upper bound (the extra batches are all padding).
+  """
+  per_process = -(-num_examples_total // process_count)
+  if num_selected is not None:
+    per_process = min(per_process, num_selected)
+  return -(-per_process // (batch_size // process_count))
 
 
 def process_rows(global_batch: int, mesh: Mesh) -> np.ndarray:

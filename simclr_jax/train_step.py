@@ -17,12 +17,9 @@ import optax
 from jax.sharding import Mesh
 
 from simclr_jax import grad_cache, losses, parallel
-from simclr_jax.optim import PROBE
+from simclr_jax.models.simclr import PROBE
 
-Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-# In-step input: (raw batch, device data or None) → {'view1', 'view2', 'label'}; pure, jittable.
-Prepare = Callable[[Batch, Any], Batch]
 
 
 @flax.struct.dataclass
@@ -59,31 +56,40 @@ def views_to_batch(view1: jax.Array, view2: jax.Array) -> jax.Array:
   return x.reshape(-1, *x.shape[2:])
 
 
-def compute_grads(params: Any, batch_stats: Any, batch: Batch, *, model: nn.Module,
+def _forward(params: Any, batch_stats: Any, batch: parallel.Batch, model: nn.Module
+             ) -> tuple[jax.Array, Metrics, jax.Array, Any]:
+  """The training forward of one batch of view pairs, shared by both gradient functions.
+
+  Returns (z as [N, 2, d] pairs; the probe's mean loss and accuracy over this batch's labelled
+  rows, {} without a probe; the number of those rows; updated BN statistics).
+  """
+  x = views_to_batch(batch['view1'], batch['view2'])
+  out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                             mutable=['batch_stats'])
+  z = out['z'].reshape(-1, 2, out['z'].shape[-1])
+  labels = jnp.repeat(batch['label'], 2)
+  probe = {}
+  if 'probe_logits' in out:
+    probe['probe_loss'], probe['probe_acc'] = losses.probe_loss(out['probe_logits'], labels)
+  return z, probe, jnp.sum(labels >= 0), updates['batch_stats']
+
+
+def compute_grads(params: Any, batch_stats: Any, batch: parallel.Batch, *, model: nn.Module,
                   temperature: float, mesh: Mesh | None) -> tuple[Any, Metrics, Any]:
   """Gradients of NT-Xent + probe loss; returns (grads, metrics, updated BN statistics)."""
-  x = views_to_batch(batch['view1'], batch['view2'])
-  labels = jnp.repeat(batch['label'], 2)
-
   def loss_fn(params):
-    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-                               train=True, mutable=['batch_stats'])
-    z = out['z'].reshape(-1, 2, out['z'].shape[-1])
+    z, probe, _, new_stats = _forward(params, batch_stats, batch, model)
     loss, metrics = losses.nt_xent(z[:, 0], z[:, 1], temperature, mesh)
-    total = loss
-    if 'probe_logits' in out:
-      p_loss, p_acc = losses.probe_loss(out['probe_logits'], labels)
-      metrics.update(probe_loss=p_loss, probe_acc=p_acc)
-      total = total + p_loss
+    metrics.update(probe)
     metrics['loss'] = loss
-    return total, (metrics, updates['batch_stats'])
+    return loss + probe.get('probe_loss', 0.0), (metrics, new_stats)
 
   grads, (metrics, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
   return grads, metrics, new_batch_stats
 
 
-def compute_grads_chunked(params: Any, batch_stats: Any, batch: Batch, *, model: nn.Module,
-                          temperature: float, mesh: Mesh | None,
+def compute_grads_chunked(params: Any, batch_stats: Any, batch: parallel.Batch, *,
+                          model: nn.Module, temperature: float, mesh: Mesh | None,
                           chunks: int) -> tuple[Any, Metrics, Any]:
   """`compute_grads` by gradient caching over `chunks` chunks of every device's rows.
 
@@ -91,24 +97,20 @@ def compute_grads_chunked(params: Any, batch_stats: Any, batch: Batch, *, model:
   chunk's own statistics (ghost batch norm over the chunk's global rows). The running
   statistics get one update per step: the mean over chunks of each chunk's update, i.e. the
   usual momentum update with the mean of the chunks' means and of their variances.
+
+  It stays a function of its own rather than `compute_grads` being `cached_grads` with one
+  chunk: that would embed the batch twice (once without, once under the gradient), a third
+  more compute for every unchunked step.
   """
   # The probe's loss is a mean over the valid labels of the whole batch (both views): each
   # chunk adds its mean weighted by its share of them, which sums to the whole-batch mean.
   num_valid = 2 * jnp.sum(batch['label'] >= 0)
 
   def embed(p, c):
-    x = views_to_batch(c['view1'], c['view2'])
-    out, updates = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
-                               mutable=['batch_stats'])
-    z = out['z'].reshape(-1, 2, out['z'].shape[-1])
-    local_loss, local_metrics = jnp.zeros((), jnp.float32), {}
-    if 'probe_logits' in out:
-      labels = jnp.repeat(c['label'], 2)
-      share = jnp.sum(labels >= 0) / jnp.maximum(num_valid, 1)
-      p_loss, p_acc = losses.probe_loss(out['probe_logits'], labels)
-      local_loss = p_loss * share
-      local_metrics = {'probe_loss': local_loss, 'probe_acc': p_acc * share}
-    return z, local_loss, local_metrics, updates['batch_stats']
+    z, probe, valid, new_stats = _forward(p, batch_stats, c, model)
+    share = valid / jnp.maximum(num_valid, 1)
+    local = {k: v * share for k, v in probe.items()}
+    return z, local.get('probe_loss', jnp.zeros((), jnp.float32)), local, new_stats
 
   def loss_fn(z):
     return losses.nt_xent(z[:, 0], z[:, 1], temperature, mesh)
@@ -122,7 +124,7 @@ def compute_grads_chunked(params: Any, batch_stats: Any, batch: Batch, *, model:
   return grads, metrics, jax.tree.map(lambda s: jnp.mean(s, axis=0), chunk_stats)
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+def train_step(state: TrainState, batch: parallel.Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, learning_rate: Callable[[Any], Any],
                temperature: float, mesh: Mesh | None,
                chunks: int = 1) -> tuple[TrainState, Metrics]:
@@ -144,7 +146,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     learning_rate: Callable[[Any], Any], temperature: float, mesh: Mesh, *,
-                    chunks: int = 1, prepare: Prepare | None = None,
+                    chunks: int = 1, prepare: parallel.Prepare | None = None,
                     data_sharding: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
   """`step(state, batch, data)`: `train_step` jitted for `mesh`, state replicated and donated.
 
@@ -158,7 +160,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                  temperature=temperature, mesh=mesh, chunks=chunks)
   replicated, sharded = parallel.replicated_sharding(mesh), parallel.batch_sharded(mesh)
 
-  def prepared_step(state: TrainState, batch: Batch, data: Any) -> tuple[TrainState, Metrics]:
+  def prepared_step(state: TrainState, batch: parallel.Batch,
+                    data: Any) -> tuple[TrainState, Metrics]:
     return step(state, batch if prepare is None else prepare(batch, data))
 
   data_sharding = replicated if data_sharding is None else data_sharding

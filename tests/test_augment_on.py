@@ -314,20 +314,14 @@ def test_device_prepare_makes_each_examples_own_views(devices):
 
 
 def test_device_data_set_is_an_argument_of_the_step_not_a_constant(devices):
-  from simclr_jax import optim, train_step
-  from simclr_jax.models import simclr
+  from simclr_jax import build
   config = _tiny(augment_on='device', device_replicate_max_mb=0.0)
   mesh = parallel.make_mesh(devices)
   data = device_input.load(config, mesh)
-  model = simclr.from_config(config.model, 10)
-  tx, lr = optim.make_optimizer(config.optim, 32, 1437, 100)
-  state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(0), (8, 8, 3),
-                                                       mesh))  # shapes only: nothing compiles
-  rep = parallel.replicated_sharding(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
-  step = train_step.make_train_step(
-      model, tx, lr, 0.5, mesh, prepare=device_input.device_prepare(config, mesh, data.layout),
-      data_sharding=data.sharding)
+  training = build.training(config, mesh, data.num_examples,
+                            prepare=device_input.device_prepare(config, mesh, data.layout),
+                            data_sharding=data.sharding)
+  state, step = training.abstract_state(), training.step  # shapes only: nothing compiles
   batch = parallel.host_batch_to_global(
       device_input.index_batch(data.layout, 0, 0, 32, np.arange(32)), mesh)
   text = step.lower(state, batch, data.arrays).as_text()

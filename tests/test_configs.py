@@ -3,13 +3,10 @@ model and step compile at a tiny size."""
 import glob
 import os
 
-import jax
 import pytest
 from ml_collections import config_flags
 
-from simclr_jax import optim, parallel
-from simclr_jax import train_step as ts
-from simclr_jax.models import simclr
+from simclr_jax import build, optim, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,19 +100,8 @@ def test_recipe_compiles_at_tiny_size(path, devices):
   assert 'python -m simclr_jax.main' in module_doc and 'Expected' in module_doc
   config.model.width = 1 / 16
   config.train.batch_size = 16
-  mesh = parallel.make_mesh(devices)
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  model = simclr.from_config(config.model, config.data.num_classes)
-  tx, lr = optim.make_optimizer(config.optim, config.train.batch_size, 160, 100)
-  size = 8 if config.model.cifar_stem else 32
-  state = jax.eval_shape(lambda: ts.init_state(model, tx, jax.random.key(0), (size,) * 2 + (3,),
-                                               mesh))
-  rep = parallel.replicated_sharding(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharded(mesh))
-           for k, shape, dtype in [('view1', (16, size, size, 3), 'float32'),
-                                   ('view2', (16, size, size, 3), 'float32'),
-                                   ('label', (16,), 'int32')]}
-  step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh)
+  config.data.image_size = 8 if config.model.cifar_stem else 32
+  training = build.training(config, parallel.make_mesh(devices), num_examples=160)
+  state, batch, step = training.abstract_state(), training.abstract_batch(), training.step
   compiled = step.lower(state, batch, None).compile()
   assert compiled.cost_analysis() is not None

@@ -1,5 +1,4 @@
 """ResNet family and SimCLR head: shapes, parameter counts, initialisation, BN, probe, dtype."""
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -52,7 +52,7 @@ def official_lars_step(param, grad, v, lr, *, momentum, weight_decay, eeta, name
 def _official_name(path: str) -> str:
   """Our parameter path → the official variable name's telling part (what its rules match)."""
   names = path.split('/')
-  if names[0] == optim.PROBE:  # the online probe is official SupervisedHead 'head_supervised'
+  if names[0] == simclr.PROBE:  # the online probe is official SupervisedHead 'head_supervised'
     return f'head_supervised/{names[-1]}'
   if names[-1] == 'scale':  # flax BatchNorm scale = Keras BN gamma
     return 'batch_normalization/gamma'

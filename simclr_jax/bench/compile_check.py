@@ -104,27 +104,13 @@ def compile_step(config: Any, devices: list[Any], num_examples: int = 1_281_167
                  ) -> dict[str, Any]:
   """Lowers and compiles the recipe's train step for `devices`; returns the figures."""
   import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from simclr_jax import grad_cache, optim, parallel, train_step
+  from simclr_jax import build, parallel  # pylint: disable=g-import-not-at-top
   from simclr_jax.bench import common  # pylint: disable=g-import-not-at-top
-  from simclr_jax.models import simclr  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
   batch_size, size = config.train.batch_size, config.data.image_size
-  parallel.check_batch_size(batch_size, mesh)
-  grad_cache.check_chunks(config.train.chunks, batch_size, mesh.devices.size)
-  model = simclr.from_config(config.model, config.data.num_classes)
-  num_steps = optim.train_steps(num_examples, config.train)
-  tx, lr = optim.make_optimizer(config.optim, batch_size, num_examples, num_steps)
-  state = jax.eval_shape(lambda: train_step.init_state(model, tx, jax.random.key(config.seed),
-                                                       (size, size, 3), mesh))
-  rep = parallel.replicated_sharding(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharded(mesh))
-           for k, shape, dtype in [('view1', (batch_size, size, size, 3), 'float32'),
-                                   ('view2', (batch_size, size, size, 3), 'float32'),
-                                   ('label', (batch_size,), 'int32')]}
-  step = train_step.make_train_step(model, tx, lr, config.loss.temperature, mesh,
-                                    chunks=config.train.chunks)
+  training = build.training(config, mesh, num_examples)
+  state = training.abstract_state()
+  step, batch = training.step, training.abstract_batch()
   started = time.monotonic()
   lowered = step.lower(state, batch, None)
   compiled = lowered.compile()

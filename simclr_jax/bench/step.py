@@ -14,14 +14,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclr_jax import grad_cache, optim, parallel
-from simclr_jax import train_step as ts
+from simclr_jax import build, parallel
 from simclr_jax.bench import common
-from simclr_jax.models import simclr
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Recipe to benchmark.',
                                           lock_config=True)
@@ -70,19 +69,18 @@ def peak_flops(dtype: str) -> tuple[float | None, str]:
 def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   """Compiles and times the step; returns the figures as a flat dict."""
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch, mesh)
-  chunks = config.train.chunks
-  grad_cache.check_chunks(chunks, batch, mesh.devices.size)
-  size = config.data.image_size
-  model = simclr.from_config(config.model, config.data.num_classes)
-  tx, lr = optim.make_optimizer(config.optim, batch, 50_000, 10_000)
-  state = ts.init_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.batch_size = batch
+  # A CIFAR-10-sized schedule; the schedule's values do not change the step's cost.
+  training = build.training(config, mesh, num_examples=50_000)
+  chunks, size = config.train.chunks, config.data.image_size
+  state = training.init_state(seed=0)
   rng = np.random.default_rng(0)
   views = {'view1': rng.random((batch, size, size, 3), np.float32),
            'view2': rng.random((batch, size, size, 3), np.float32),
            'label': rng.integers(0, max(config.data.num_classes, 1), batch).astype(np.int32)}
   views = parallel.host_batch_to_global(views, mesh)
-  step = ts.make_train_step(model, tx, lr, config.loss.temperature, mesh, chunks=chunks)
+  step = training.step
 
   t = time.perf_counter()
   lowered = step.lower(state, views, None)
@@ -90,8 +88,11 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
   compile_s = time.perf_counter() - t
   # XLA's cost analysis counts a loop body once, so the chunked step's count would miss all but
   # one chunk: count the unchunked step instead (model FLOPs; chunking adds one forward pass).
-  flops = common.program_flops(lowered if chunks == 1 else ts.make_train_step(
-      model, tx, lr, config.loss.temperature, mesh).lower(state, views, None))
+  if chunks > 1:
+    config.train.chunks = 1
+  flops = common.program_flops(
+      lowered if chunks == 1 else build.training(config, mesh, 50_000).step.lower(
+          state, views, None))
   compiled_mem = common.compiled_memory(compiled) or {}
   for _ in range(warmup):
     state, metrics = compiled(state, views, None)

@@ -37,7 +37,7 @@ from simclr_jax.eval import encoder as encoder_lib
 from simclr_jax.eval import features, linear_probe, subsets
 from simclr_jax.models import resnet, simclr
 
-HEAD = optim.PROBE  # the supervised head: optim's masks treat it as official 'head_supervised'
+HEAD = simclr.PROBE  # the supervised head: optim's masks treat it as official 'head_supervised'
 NUM_STAGES = 4  # every ResNet depth in resnet.STAGES has four stages
 OPTIMIZERS = ('lars', 'momentum')
 

@@ -12,6 +12,9 @@ from simclr_jax.models import conv, resnet
 # The official LinearLayer (tf2/model.py), used by the projection head and the supervised head,
 # initialises its dense kernel with `tf.keras.initializers.RandomNormal(stddev=0.01)`.
 _HEAD_INIT = nn.initializers.normal(stddev=0.01)
+# Top-level parameter collection of the online probe (the official 'head_supervised'): the
+# optimiser's masks and the fine-tuning head find it by this name.
+PROBE = 'probe'
 
 
 class ProjectionHead(nn.Module):
@@ -72,7 +75,7 @@ class SimCLR(nn.Module):
       # and an N(0, 0.01^2) kernel, on a stopped gradient: it reads h, never shapes it.
       out['probe_logits'] = nn.Dense(self.num_classes, kernel_init=_HEAD_INIT,
                                      dtype=resnet.output_dtype(self.dtype),
-                                     name='probe')(jax.lax.stop_gradient(h))
+                                     name=PROBE)(jax.lax.stop_gradient(h))
     return out
 
 
