@@ -42,5 +42,6 @@ def get_config():
   c.train.epochs = 30.0
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 100
-  c.train.eval_every_steps = 100  # a few points for curves.png (each evaluation ~2.5 s)
+  # A few points for curves.png (each evaluation ~2.5 s).
+  c.evals.online_probe.every_steps = c.evals.knn.every_steps = 100
   return c

@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- what to evaluate -----------------------------------------------------------------------
   c.pretrain_workdir = config_dict.placeholder(str)  # required: the pretraining --workdir
   c.checkpoint_step = -1  # -1: the latest checkpoint
-  # Evaluators to run, in order, comma-separated: linear_probe, knn, finetune.
+  # Evaluators of the registry (simclr_jax/eval/evaluators.py) to run, in order,
+  # comma-separated: linear_probe, knn, finetune, online_probe (the probe trained alongside
+  # pretraining, read from the checkpoint).
   c.evaluators = 'linear_probe,knn'
   c.feature = 'h'  # probe and kNN input: 'h' encoder output (standard) | 'z' projection output
   c.eval_batch_size = 256  # global batch of the frozen-encoder forward passes
@@ -92,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 200
   c.knn.temperature = 0.1
+  c.knn.max_train = 0  # memory: every train example (> 0: a seeded, class-proportional sample)
 
   # --- fine-tuning (official SimCLRv2 semi-supervised command, README "Semi-supervised
   # learning and fine-tuning the whole network": --fine_tune_after_block=-1

@@ -57,7 +57,8 @@ def _start_distributed() -> None:
     if 'SLURM_NTASKS' in os.environ and int(os.environ['SLURM_NTASKS']) <= 1 and not explicit:
       return  # a single SLURM task needs no coordinator
     # simclr_jax.stopping handles SIGTERM/SIGINT itself and agrees on a stop step through the
-    # coordination service; JAX's preemption notifier (a C++ SIGTERM handler) would otherwise
+    # coordination service (its docstring says why JAX's preemption sync manager cannot);
+    # JAX's preemption notifier (a C++ SIGTERM handler that only sets a flag) would otherwise
     # swallow a SIGTERM sent before the job installs its handler, or in jobs that install none.
     jax.config.update('jax_enable_preemption_service', False)
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

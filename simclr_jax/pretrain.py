@@ -1,4 +1,4 @@
-"""The pretraining job, read top to bottom: checks → mesh → input → model → state → resume → loop.
+"""The pretraining job, read top to bottom: checks → mesh → input → build → state → resume → loop.
 
 Host syncs happen only on log, evaluation and checkpoint steps; every other step is
 dispatched asynchronously while the input prepares the next batch. One ExitStack owns the stop
@@ -14,12 +14,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from simclr_jax import checkpoint, grad_cache, metrics, optim, parallel, stopping, train_step
+from simclr_jax import build, checkpoint, metrics, parallel, stopping, train_step
 from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import train_input
 from simclr_jax.errors import ConfigError
-from simclr_jax.eval import monitor as eval_monitor
-from simclr_jax.models import simclr
+from simclr_jax.eval import during_pretraining
 
 _CONSOLE_KEYS = ('loss', 'contrastive_acc', 'probe_acc')  # the rest is in metrics.jsonl
 EXIT_PREEMPTED = 3  # exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint
@@ -46,9 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if t[key] < 1:
       raise ConfigError(f'config.train.{key}={t[key]} must be >= 1.')
-  if t.eval_every_steps < 0:
-    raise ConfigError(f'config.train.eval_every_steps={t.eval_every_steps} must be >= 0 '
-                      '(0: no evaluation during pretraining).')
+  during_pretraining.check_config(config)
   if config.data.num_classes < 0:
     raise ConfigError(f'config.data.num_classes={config.data.num_classes} must be >= 0 '
                       '(0: no online probe).')
@@ -94,8 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- mesh and checks that need no compilation ---------------------------------------------
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.train.batch_size, mesh)
-    grad_cache.check_chunks(config.train.chunks, config.train.batch_size, mesh.devices.size)
+    build.check(config, mesh)
     workdir_lib.ensure_writable(workdir, checkpoints=True)
     stack.enter_context(workdir_lib.lock(workdir))  # one run per workdir, released on any exit
     saved = (workdir_lib.read_config(workdir) if checkpoint.latest_step(workdir) is not None
@@ -111,14 +107,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # --- input: counts, the host stream and the in-step half of the views ---------------------
     data = train_input.make(config, mesh)
     _check_num_classes(config, data.num_classes)
-    num_steps = optim.train_steps(data.num_examples, config.train)
 
-    # --- model, optimiser, state; resume if the workdir has a checkpoint ----------------------
-    model = simclr.from_config(config.model, config.data.num_classes)
-    tx, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size,
-                                             data.num_examples, num_steps)
-    size = config.data.image_size
-    state = train_step.init_state(model, tx, jax.random.key(config.seed), (size, size, 3), mesh)
+    # --- model, optimiser, state and step; resume if the workdir has a checkpoint ---------------
+    training = build.training(config, mesh, data.num_examples, prepare=data.prepare,
+                              data_sharding=data.data_sharding)
+    num_steps = training.num_steps
+    state = training.init_state()
     ckpt = checkpoint.manager(workdir, save_every_steps=config.train.checkpoint_every_steps,
                               keep=config.train.keep_checkpoints)
     stack.callback(checkpoint.close, ckpt)  # waits for a pending save on every exit path
@@ -130,13 +124,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     _stop_before_training(stop.at(start_step), workdir)
     workdir_lib.start_segment(workdir, config, start_step)  # config.json + config_history.jsonl
 
-    # --- step and input stream --------------------------------------------------------------
-    step_fn = train_step.make_train_step(model, tx, learning_rate, config.loss.temperature, mesh,
-                                         prepare=data.prepare, data_sharding=data.data_sharding,
-                                         chunks=config.train.chunks)
+    # --- input stream and evaluation ---------------------------------------------------------
     batches = parallel.device_prefetch(data.host_batches(start_step), mesh)
-    every = config.train.eval_every_steps
-    monitor = eval_monitor.Monitor(config, mesh, model, data) if every else None
+    evals = during_pretraining.DuringPretraining(config, mesh, training.model, data)
     writer = stack.enter_context(metrics.MetricWriter(workdir))
     timer = metrics.StepTimer(config.train.batch_size, num_steps, start_step)
     last_finite: dict[str, float] = {}
@@ -144,8 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- loop --------------------------------------------------------------------------------
     for step in range(start_step + 1, num_steps + 1):
-      state, step_metrics = step_fn(state, next(batches), data.device_arrays)
-      evaluate = monitor is not None and (step % every == 0 or step == num_steps)
+      state, step_metrics = training.step(state, next(batches), data.device_arrays)
+      evaluate = evals.due(step, num_steps)
       if step % config.train.log_every_steps == 0 or step == num_steps or evaluate:
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not all(map(math.isfinite, scalars.values())):
@@ -156,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         scalars.update(timer.update(step))
         if evaluate:
           eval_started = time.monotonic()
-          scalars.update(monitor.run(state.params, state.batch_stats))
+          scalars.update(evals.run(evaluate, state.params, state.batch_stats))
           scalars['eval_seconds'] = time.monotonic() - eval_started
           timer.exclude(scalars['eval_seconds'])  # images/s and ETA count training only
         last_finite = dict(scalars, step=step)
@@ -165,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           shown = {k: scalars[k] for k in _CONSOLE_KEYS if k in scalars}
           line = metrics.progress_line(step, num_steps, shown, scalars['images_per_sec'],
                                        scalars['eta_seconds'])
-          logging.info('%s%s', line, f'  {eval_monitor.summary(scalars)}' if evaluate else '')
+          logging.info('%s%s', line, f'  {during_pretraining.summary(scalars)}' if evaluate else '')
       # Only on interval steps: save() reads state.step, a host sync that would stall dispatch.
       if step % config.train.checkpoint_every_steps == 0:
         checkpoint.save(ckpt, state)

@@ -9,10 +9,20 @@
   alone, a save that failed there) is posted to the coordination service. Each process's
   listener thread then publishes the last step its loop checked, waits for the others at a
   barrier and takes the largest + 1, so every process stops after that same step, however far
-  apart their host loops are (asynchronous dispatch). This is the protocol of JAX's preemption
-  sync manager (`multihost_utils.reached_preemption_sync_point`), run on requests of our own:
-  JAX's only hears SIGTERM, through a C++ handler that Python's signal handler replaces, and
-  its SIGTERM cannot be sent twice.
+  apart their host loops are (asynchronous dispatch).
+This is the protocol of JAX's preemption sync manager (`multihost_utils.
+reached_preemption_sync_point`, which orbax's `CheckpointManager.reached_preemption` calls), run
+on requests of our own, because that manager (XLA's tsl/distributed_runtime/preemption) cannot
+meet four of the run's promises:
+  - its only notice is its C++ SIGTERM notifier (`Initialize(agent)` uses "sigterm", and JAX's
+    binding offers no other): Ctrl-C and a failed save have no way in;
+  - that notifier's handler only sets a flag, so a second SIGTERM cannot end the process at once;
+  - its call counters start at 0, and its sync point, max(counters) + 1, is reached only by an
+    equal step: a notice before any process has checked a step (the start-up of a run resumed
+    at step 500, say) sets it to 1, which the run never reaches, so it never stops (here a
+    process stops at the first step at or after the agreed one);
+  - when its barrier fails (a frozen peer) the sync point stays unset and the living processes
+    train on; here they stop without saving, their checkpoints intact ('unagreed').
 The loop's check costs a lock and a comparison; nothing is exchanged until a request is made.
 """
 import dataclasses

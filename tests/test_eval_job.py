@@ -19,7 +19,7 @@ from simclr_jax import workdir as workdir_lib
 from simclr_jax import train_step as ts
 from simclr_jax.data import demo_digits, host_input
 from simclr_jax.errors import ConfigError
-from simclr_jax.eval import encoder, features, finetune, linear_probe
+from simclr_jax.eval import encoder, evaluators, features, finetune, linear_probe
 from simclr_jax.eval import job as evaluate
 from simclr_jax.models import simclr
 
@@ -107,9 +107,11 @@ def _eval_config(pretrain_workdir, **probe):
 
 @pytest.fixture(scope='module')
 def results(pretrain, tmp_path_factory):
-  """run() with the default (augmented) probe and the baselines; (results, eval workdir)."""
+  """run() with the default (augmented) probe, kNN, the checkpoint's online probe and the
+  baselines; (results, eval workdir)."""
   workdir = str(tmp_path_factory.mktemp('eval'))
   config = _eval_config(pretrain[0])
+  config.evaluators = 'linear_probe,knn,online_probe'
   config.baseline = True
   return evaluate.run(config, workdir), workdir
 
@@ -162,6 +164,27 @@ def test_run_writes_results_with_the_protocol_of_each_figure(results, pretrain):
   line = evaluate.summary_line(written)
   assert 'linear probe top-1' in line and '(augmented, 68 steps)' in line
   assert 'random encoder probe' in line and 'raw-pixel probe' in line
+  assert f"online probe top-1 {written['online_probe']['top1']:.3f}" in line
+
+
+def test_the_checkpoints_online_probe_is_an_evaluator_of_the_job(results, pretrain):
+  """The registry's online_probe reads the probe head restored with the encoder; checked
+  against the saved numpy variables through plain model.apply on one device."""
+  results, _ = results
+  model = simclr.from_config(_pretrain_config().model, 10)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)['probe_logits'])
+  logits, labels = [], []
+  with jax.default_device(jax.devices()[0]):
+    for batch in host_input.eval_iterator(_pretrain_config(), 'test', 64):
+      logits.append(np.asarray(apply(pretrain[1], batch['image']))[batch['mask']])
+      labels.append(batch['label'][batch['mask']])
+  want = features.topk_accuracy(np.concatenate(logits), np.concatenate(labels))
+  # Two float32 programs (the mesh's and one device's): logits agree to numerics.FEATURE_RTOL,
+  # so only a near-tie can flip one of the 360 predictions (1/360 each); a wrong head or split
+  # would be far off.
+  assert results['online_probe']['top1'] == pytest.approx(want['top1'], abs=1 / 360 + 1e-9)
+  assert results['online_probe']['top5'] == pytest.approx(want['top5'], abs=1 / 360 + 1e-9)
+  assert 'online_probe' not in results['baseline']['random_encoder']  # no probe was trained
 
 
 def test_pictures_and_per_class_accuracy(results):
@@ -214,10 +237,9 @@ def test_pixel_baseline_caps_its_train_examples_by_memory(pretrain, mesh):
   config = _eval_config(pretrain[0])
   config.pixels.max_mb = 300 * 8 * 8 * 3 * 4 / 2**20  # room for 300 of the 1437 train digits
   cfg = evaluate.input_config(config, _pretrain_config())
-  ctx = evaluate.Context(config, cfg, _pretrain_config(),
-                         evaluate.resolve_probe(config.probe, _pretrain_config()), mesh,
-                         feature_fn=None)
-  capped = evaluate.pixel_baseline(ctx)
+  _, model, _, _ = encoder.restore(pretrain[0], -1, mesh)
+  inputs = evaluate.eval_input(config, _pretrain_config(), model, mesh, [])
+  capped = evaluate.pixel_baseline(inputs, config.pixels.max_mb)
   # A seeded class-balanced subset of ~300 (per class round(300 / 1437 * count)).
   ids, labels = finetune.label_subset(cfg, 300 / DEMO_TRAIN, cfg.seed)
   assert capped['num_train'] == len(ids) == pytest.approx(300, abs=5)  # 10 classes, each ±0.5
@@ -231,7 +253,7 @@ def test_cached_probe_with_standardisation(pretrain, results, tmp_path):
   config = _eval_config(pretrain[0], mode='cached', standardise=True)
   config.evaluators = 'linear_probe'
   cached = evaluate.run(config, str(tmp_path))
-  assert set(cached) & set(evaluate.EVALUATORS) == {'linear_probe'}
+  assert set(cached) & set(evaluators.REGISTRY) == {'linear_probe'}
   protocol = cached['linear_probe']['protocol']
   assert protocol['mode'] == 'cached' and protocol['standardise']
   assert protocol['augmentation'] == 'none (eval view)' and protocol['views'] == {}
@@ -295,13 +317,12 @@ def test_augmented_stream_draws_the_pretraining_views(pretrain, mesh):
   whole.augment.crop_area, whole.augment.flip = (1.0, 1.0), False
   config = _eval_config(pretrain[0])
   _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
-  ctx = evaluate.Context(config, evaluate.input_config(config, whole), whole,
-                         evaluate.resolve_probe(config.probe, whole), mesh,
-                         features.feature_fn(model, mesh, 'h'))
-  enc = evaluate.Encoder('pretrained', variables, ctx)
+  inputs = evaluate.eval_input(config, whole, model, mesh, ['linear_probe'])
+  enc = evaluators.Encoder('pretrained', variables, inputs)
   eval_feats, eval_labels = enc.features('train')
-  p = linear_probe.protocol(ctx.probe, DEMO_TRAIN)
-  feats, labels = next(evaluate._augmented_batches(enc, p))  # pylint: disable=protected-access
+  p = linear_probe.protocol(inputs.probe, DEMO_TRAIN)
+  probe = evaluators.make('linear_probe', config.probe, inputs)
+  feats, labels = next(probe._augmented(enc, p.batch_size))  # pylint: disable=protected-access
   dist = np.linalg.norm(feats[:, None, :] - eval_feats[None, :, :], axis=-1)
   nearest = dist.argmin(1)
   # The same image through the same inference program; only the batch it sits in differs,
@@ -348,9 +369,8 @@ def test_data_without_labels(pretrain, tmp_path):
 
 
 def test_unlabelled_split_is_rejected():
-  check_labels = evaluate._check_labels  # pylint: disable=protected-access
   with pytest.raises(ConfigError, match="split 'train' has no labels"):
-    check_labels(np.full((5,), -1, np.int32), 10, 'train')
+    evaluators.check_labels(np.full((5,), -1, np.int32), 10, 'train')
 
 
 @pytest.mark.parametrize('key,value', [
@@ -370,9 +390,10 @@ def test_bad_config_values_name_the_key(key, value, tmp_path):
 
 def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
   _, model, _, variables = encoder.restore(pretrain[0], -1, mesh)
-  feats, labels = features.extract(
-      features.feature_fn(model, mesh, 'h'), variables,
+  outputs, labels = features.extract(
+      features.outputs_fn(model, mesh, ('h',)), variables,
       host_input.eval_iterator(_pretrain_config(), 'test', 64), mesh)
+  feats = outputs['h']
   assert feats.shape == (DEMO_TEST, 32) and labels.shape == (DEMO_TEST,)
   # Independent check: the first test batch through the model with the saved numpy variables.
   images = next(host_input.eval_iterator(_pretrain_config(), 'test', 64))['image']
@@ -383,5 +404,5 @@ def test_features_match_the_saved_model_on_one_device(pretrain, mesh):
   assert max(numerics.rel_err(a, b) for a, b in zip(feats[:64], expected)) <= (
       numerics.FEATURE_RTOL)
   # The projection output as feature: traced only (its compile would cost seconds).
-  z = jax.eval_shape(features.feature_fn(model, mesh, 'z'), variables, images)
-  assert z.shape == (64, 128)
+  z = jax.eval_shape(features.outputs_fn(model, mesh, ('z',)), variables, images)
+  assert z['z'].shape == (64, 128)

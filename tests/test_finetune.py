@@ -10,7 +10,7 @@ from configs import linear_eval
 from simclr_jax import optim
 from simclr_jax.data import host_input
 from simclr_jax.errors import ConfigError
-from simclr_jax.eval import encoder, finetune
+from simclr_jax.eval import encoder, evaluators, finetune
 from simclr_jax.eval import job as evaluate
 from simclr_jax.models import simclr
 from test_eval_job import _eval_config, _pretrain_config, mesh, pretrain  # noqa: F401 (fixtures)
@@ -271,7 +271,7 @@ def test_run_fine_tunes_the_whole_network_on_all_labels(pretrain, tmp_path):
   results = evaluate.run(config, str(tmp_path))
   with open(tmp_path / evaluate.RESULTS_FILE) as f:
     ft = json.load(f)['finetune']
-  assert set(results) & set(evaluate.EVALUATORS) == {'finetune'}
+  assert set(results) & set(evaluators.REGISTRY) == {'finetune'}
   assert ft['num_train_examples'] == DEMO_TRAIN and ft['label_fraction'] == 1.0
   assert ft['data'] == {'dataset': 'demo', 'train_split': 'train', 'eval_split': 'test'}
   assert ft['protocol']['steps'] == DEMO_TRAIN * 3 // 64 + 1

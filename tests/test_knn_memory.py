@@ -1,4 +1,5 @@
-"""The kNN monitor's memory represents the train split: a seeded sample, class by class.
+"""The kNN memory of evaluation during pretraining represents the train split: a seeded sample,
+class by class.
 
 An image folder lists its files class by class, so "the first N train examples" held a few
 classes and kept the kNN curve at chance for a whole run. The memory is now chosen from the
@@ -10,7 +11,7 @@ import pytest
 from configs import demo
 from simclr_jax import parallel
 from simclr_jax.data import device_input, train_input
-from simclr_jax.eval import knn, monitor, subsets
+from simclr_jax.eval import during_pretraining, knn, subsets
 from simclr_jax.models import simclr
 
 COUNTS = np.array([400, 300, 250, 200, 150, 100, 100, 80, 60, 40])  # an uneven split
@@ -91,16 +92,18 @@ def test_device_eval_batches_yield_each_chosen_example_once():
   np.testing.assert_array_equal(images, split.images[np.sort(chosen) - 100])
 
 
-def test_the_monitor_samples_its_memory_from_the_split(devices):
-  """The pretraining monitor on the demo digits (device-resident input: no TensorFlow)."""
+def test_pretraining_knn_samples_its_memory_from_the_split(devices):
+  """config.evals.knn during pretraining on the demo digits (device-resident input: no
+  TensorFlow)."""
   config = demo.get_config()
-  config.data.augment_on, config.monitor.knn_max_train = 'device', MAX
+  config.data.augment_on, config.evals.knn.max_train = 'device', MAX
   mesh = parallel.make_mesh(devices[:1])
   data = train_input.make(config, mesh)
   model = simclr.from_config(config.model, config.data.num_classes)
-  mon = monitor.Monitor(config, mesh, model, data)
+  evals = during_pretraining.DuringPretraining(config, mesh, model, data)
+  memory_ids = evals._evaluators['knn'].memory_ids  # pylint: disable=protected-access
   ids, labels = data.split_labels(config.data.train_split)
-  np.testing.assert_array_equal(mon.memory_ids, subsets.knn_memory(ids, labels, MAX, 0))
-  hist = np.bincount(labels[np.isin(ids, mon.memory_ids)], minlength=10)
+  np.testing.assert_array_equal(memory_ids, subsets.knn_memory(ids, labels, MAX, 0))
+  hist = np.bincount(labels[np.isin(ids, memory_ids)], minlength=10)
   share = np.bincount(labels, minlength=10) * MAX / len(labels)
   assert np.all(np.abs(hist - share) <= 1)  # rounding only

@@ -274,7 +274,8 @@ def test_eval_counts_every_example_once_across_processes():
 # Long enough that a signal sent after the first checkpoint lands mid-run; the first signal
 # stops the run there, so the steps are never all run.
 STOP_RUN = ['--config.train.steps=400', '--config.train.checkpoint_every_steps=2',
-            '--config.train.log_every_steps=100', '--config.train.eval_every_steps=0']
+            '--config.train.log_every_steps=100', '--config.evals.online_probe.every_steps=0',
+            '--config.evals.knn.every_steps=0']
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(tmp_path):

@@ -133,26 +133,29 @@ def load(config: Any, mesh: Mesh) -> DeviceDataset:
 
 def eval_batches(split: HostSplit, global_batch: int, indices: np.ndarray | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """This process's padded batches {'image': uint8 [b, H, W, 3], 'label', 'mask'} of `split`.
+  """This process's padded batches {'image': uint8 [b, H, W, 3], 'label', 'index', 'mask'}.
 
   The raw images: the eval views are made in the jitted forward (views_jax.eval_views), as the
   train views are. Each process takes rows [process_index::process_count] and every process
   yields the same number of batches (padding rows: mask False, label -1), so every example is
   counted once and multi-process forwards stay in lockstep. `indices`: only the examples with
-  these ids (a subset, e.g. the kNN memory), as host_input.eval_iterator's.
+  these ids (a subset, e.g. the kNN memory), as host_input.eval_iterator's. The in-memory, TF-free
+  twin of host_input.padded_eval_views (same batch count and padding rows), for the demo and
+  for splits already read into host memory.
   """
   pi, pc = jax.process_index(), jax.process_count()
   local = global_batch // pc
   chosen = (np.arange(len(split.ids)) if indices is None
             else np.flatnonzero(np.isin(split.ids, np.asarray(indices))))
   rows = chosen[pi::pc]
-  per_process = -(-len(chosen) // pc)
-  for start in range(0, -(-per_process // local) * local, local):
+  for start in range(0, parallel.num_padded_batches(len(chosen), global_batch, pc) * local,
+                     local):
     take = rows[start:start + local]
     pad = local - len(take)
     yield {'image': np.concatenate([split.images[take],
                                     np.zeros((pad, *split.images.shape[1:]), np.uint8)]),
            'label': np.concatenate([split.labels[take], np.full(pad, -1, np.int32)]),
+           'index': np.concatenate([split.ids[take], np.full(pad, -1)]).astype(np.int32),
            'mask': np.arange(local) < len(take)}
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from simclr_jax import parallel
 from simclr_jax.data import sources, views, views_tf
 from simclr_jax.data.tf_cpu import tf
 from simclr_jax.errors import ConfigError
@@ -127,19 +128,6 @@ def _keep(ds: tf.data.Dataset, indices: np.ndarray | None) -> tf.data.Dataset:
       ex['index'] < len(keep), tf.gather(table, tf.minimum(ex['index'], len(keep) - 1))))
 
 
-def num_padded_batches(num_examples_total: int, batch_size: int, process_count: int,
-                       num_selected: int | None = None) -> int:
-  """Batches per process of `eval_dataset` (the same on every process, so steps stay in lockstep).
-
-  With a subset of `num_selected` examples a process's shard may hold up to all of them, so on
-  several processes this is an upper bound (the extra batches are all padding).
-  """
-  per_process = -(-num_examples_total // process_count)
-  if num_selected is not None:
-    per_process = min(per_process, num_selected)
-  return -(-per_process // (batch_size // process_count))
-
-
 def split_labels(config: Any, split: str, *, read: bool = True
                  ) -> tuple[np.ndarray, np.ndarray] | None:
   """(example ids, labels) of every example of `split`, without decoding an image.
@@ -163,34 +151,44 @@ def split_labels(config: Any, split: str, *, read: bool = True
   return np.concatenate(ids).astype(np.int64), np.concatenate(labels).astype(np.int32)
 
 
+def padded_eval_views(ds: tf.data.Dataset, size: int, local_batch: int,
+                      num_batches: int) -> tf.data.Dataset:
+  """`num_batches` batches {'image', 'label', 'index', 'mask'} of the eval views of `ds`'s
+  examples, each once, then padding rows (mask False, label and index -1).
+
+  The one padded evaluation stream of tf.data sources: every process runs the same number of
+  batches (multi-process forwards stay in lockstep) and the mask drops the padding, so each
+  example counts once. int32 indices: JAX arrays are 32-bit unless x64 is on.
+  """
+  ds = ds.map(lambda ex: {'image': views_tf.eval_view(ex['image'], size), 'label': ex['label'],
+                          'index': tf.cast(ex['index'], tf.int32), 'mask': True},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
+                                      'label': tf.constant(-1, tf.int32),
+                                      'index': tf.constant(-1, tf.int32), 'mask': False})
+  ds = ds.concatenate(pad.repeat()).take(num_batches * local_batch)
+  return ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
+
+
 def eval_dataset(config: Any, split: str, batch_size: int, *, indices: np.ndarray | None = None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> tf.data.Dataset:
-  """Every example of this process's shard once (eval view), padded to num_padded_batches(...).
+  """Every example of this process's shard of `split` once (eval view), padded_eval_views.
 
-  `batch_size` is global. Padding rows have mask False and label -1, so every process runs the
-  same number of batches. `indices`: only the examples with these 'index' ids (a subset).
+  `batch_size` is global. `indices`: only the examples with these 'index' ids (a subset).
   """
   pi, pc = _procs(process_index, process_count)
   batch = _local_batch(batch_size, pc, 'eval_batch_size')
   src = sources.load(config.data, split, process_index=pi, process_count=pc)
-  num_batches = num_padded_batches(src.num_examples_total, batch_size, pc,
+  num_batches = parallel.num_padded_batches(src.num_examples_total, batch_size, pc,
                                    None if indices is None else len(indices))
-  size = config.data.image_size
-  ds = _keep(src.ds, indices).map(
-      lambda ex: {'image': views_tf.eval_view(ex['image'], size), 'label': ex['label'],
-                  'mask': True},
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
-                                      'label': tf.constant(-1, tf.int32), 'mask': False})
-  ds = ds.concatenate(pad.repeat()).take(num_batches * batch)
-  return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+  return padded_eval_views(_keep(src.ds, indices), config.data.image_size, batch, num_batches)
 
 
 def eval_iterator(config: Any, split: str, batch_size: int, *, indices: np.ndarray | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """numpy batches {'image': float32 [b,H,W,3], 'label': int32 [b], 'mask': bool [b]}."""
+  """numpy batches {'image': float32 [b,H,W,3], 'label': int32 [b], 'index', 'mask': bool}."""
   return _numpy_batches(eval_dataset(config, split, batch_size, indices=indices,
                                      process_index=process_index, process_count=process_count))
 

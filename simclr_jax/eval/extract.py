@@ -25,12 +25,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from simclr_jax import metrics, parallel
 from simclr_jax import workdir as workdir_lib
-from simclr_jax.data import host_input, sources, views_tf
+from simclr_jax.data import host_input, sources
 from simclr_jax.data.tf_cpu import tf
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import encoder, features
@@ -144,23 +143,11 @@ def resolve_input(config: ml_collections.ConfigDict, pretrain_config: ml_collect
 
 def eval_batches(images: Images, size: int, batch_size: int, process_count: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """This process's padded batches {'image', 'label', 'index', 'mask'} of eval views.
-
-  As host_input.eval_dataset: every process yields the same number of batches (lockstep), the
-  padding rows have mask False.
-  """
-  local = batch_size // process_count
-  num_batches = host_input.num_padded_batches(images.num_total, batch_size, process_count)
-  # int32 indices: JAX arrays are 32-bit unless x64 is on.
-  ds = images.ds.map(lambda ex: {'image': views_tf.eval_view(ex['image'], size),
-                                 'label': ex['label'], 'index': tf.cast(ex['index'], tf.int32),
-                                 'mask': True},
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3]),
-                                      'label': tf.constant(-1, tf.int32),
-                                      'index': tf.constant(-1, tf.int32), 'mask': False})
-  ds = ds.concatenate(pad.repeat()).take(num_batches * local)
-  return ds.batch(local).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  """This process's padded batches {'image', 'label', 'index', 'mask'} of eval views: the
+  evaluation's own padded stream (host_input.padded_eval_views) over these images."""
+  num_batches = parallel.num_padded_batches(images.num_total, batch_size, process_count)
+  ds = host_input.padded_eval_views(images.ds, size, batch_size // process_count, num_batches)
+  return ds.as_numpy_iterator()
 
 
 # --- extraction --------------------------------------------------------------------------------
@@ -171,24 +158,18 @@ def extract_rows(predict_fn: features.PredictFn, variables: Any,
                  log_every_s: float = 10.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(outputs, labels, indices) of every real row on every process, sorted by index.
 
-  features.extract with the example index carried along (so rows can be put back in example
+  features.gathered with the example index carried along (so rows can be put back in example
   order whatever the device and process layout) and a progress line every `log_every_s`.
   """
-  variables = jax.device_put(variables, parallel.replicated_sharding(mesh))
   outs, labels, ids = [], [], []
   start = last = time.time()
   done = 0
-  for batch in batches:
-    arrays = parallel.host_batch_to_global(
-        {k: batch[k] for k in ('image', 'label', 'index', 'mask')}, mesh)
-    out = predict_fn(variables, arrays['image'])
-    out, label, index, mask = multihost_utils.process_allgather(
-        (out, arrays['label'], arrays['index'], arrays['mask']), tiled=True)
-    keep = np.asarray(mask).astype(bool)
-    outs.append(np.asarray(out, np.float32)[keep])
-    labels.append(np.asarray(label)[keep])
-    ids.append(np.asarray(index)[keep])
-    done += int(keep.sum())
+  for out, columns in features.gathered(predict_fn, variables, batches, mesh,
+                                        keys=('label', 'index')):
+    outs.append(np.asarray(out, np.float32))
+    labels.append(columns['label'])
+    ids.append(columns['index'])
+    done += len(columns['index'])
     if time.time() - last >= log_every_s and jax.process_index() == 0:
       last = time.time()
       rate = done / (last - start)
@@ -231,7 +212,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   images = resolve_input(config, pretrain_config, pi, pc)
   _, model, step, variables = encoder.restore(config.pretrain_workdir, config.checkpoint_step,
                                               mesh)
-  predict_fn = features.feature_fn(model, mesh, config.feature)
+  outputs = features.outputs_fn(model, mesh, (config.feature,))
+  predict_fn = lambda v, x: outputs(v, x)[config.feature]  # noqa: E731
   size = pretrain_config.data.image_size
   feats, labels, ids = extract_rows(
       predict_fn, variables, eval_batches(images, size, config.eval_batch_size, pc), mesh,

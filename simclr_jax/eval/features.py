@@ -1,12 +1,12 @@
 """Inference on the mesh over a padded input, and accuracies: shared by every evaluator.
 
 `make_predict_fn` is the one jitted inference forward (variables replicated, batch and outputs
-sharded on "data"); `extract` runs it over a per-process padded input (rows with mask False are
+sharded on "data"); `gathered` runs it over a per-process padded input (rows with mask False are
 padding) and gathers every real row on every process, so each example counts exactly once on any
-number of devices and processes.
+number of devices and processes; `extract` concatenates what it gathers.
 """
 import functools
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,37 +41,48 @@ def make_predict_fn(apply_fn: PredictFn, mesh: Mesh) -> PredictFn:
 
 
 @functools.lru_cache(maxsize=4)
-def feature_fn(model: nn.Module, mesh: Mesh, feature: str) -> PredictFn:
-  """The jitted inference forward returning the one output `feature` ('h' or 'z'); cached, so a
-  second job in the process (or the random-encoder baseline) reuses its compilation."""
-  outputs = model_outputs(model, (feature,))
-  return make_predict_fn(lambda v, x: outputs(v, x)[feature], mesh)
+def outputs_fn(model: nn.Module, mesh: Mesh, names: tuple[str, ...],
+               prepare: Callable[[jax.Array], jax.Array] | None = None) -> PredictFn:
+  """The one jitted inference forward: {name: output} of `names` ('h', 'z', 'probe_logits'),
+  after `prepare(images)` when the eval views are made on the devices. Cached, so every
+  evaluator, every evaluation round, a second job in the process and the random-encoder
+  baseline share one compilation."""
+  outputs = model_outputs(model, names)
+  if prepare is None:
+    return make_predict_fn(outputs, mesh)
+  return make_predict_fn(lambda v, x: outputs(v, prepare(x)), mesh)
+
+
+def gathered(predict_fn: PredictFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+             mesh: Mesh, keys: Sequence[str] = ('label',)
+             ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+  """Per batch: (outputs, {key: column}) of its rows with a true 'mask', on every process.
+
+  Each batch is this process's numpy slice {'image', 'mask', *keys}; padded rows are dropped, so
+  a padded input counts each example exactly once. Outputs have predict_fn's structure with
+  numpy leaves; rows come in global batch order (process 0's rows, then process 1's, ...).
+  """
+  variables = jax.device_put(variables, parallel.replicated_sharding(mesh))
+  names = ('image', 'mask', *keys)
+  for batch in batches:
+    arrays = parallel.host_batch_to_global({k: batch[k] for k in names}, mesh)
+    out = predict_fn(variables, arrays['image'])
+    out, columns = multihost_utils.process_allgather(
+        (out, {k: arrays[k] for k in ('mask', *keys)}), tiled=True)
+    keep = np.asarray(columns.pop('mask')).astype(bool)
+    yield (jax.tree.map(lambda x: np.asarray(x)[keep], out),
+           {k: np.asarray(v)[keep] for k, v in columns.items()})
 
 
 def extract(predict_fn: PredictFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
             mesh: Mesh) -> tuple[Any, np.ndarray]:
-  """(outputs, labels) of every row with a true 'mask', gathered so every process has all.
-
-  Each batch is this process's numpy slice {'image', 'label', 'mask'}; padded rows are dropped,
-  so a padded input counts each example exactly once. `outputs` has predict_fn's structure with
-  numpy leaves [n, ...]; rows come in global batch order (process 0's rows of a batch, then
-  process 1's, ...), batch after batch.
-  """
-  variables = jax.device_put(variables, parallel.replicated_sharding(mesh))
-  outs, labels = [], []
-  for batch in batches:
-    arrays = parallel.host_batch_to_global(
-        {k: batch[k] for k in ('image', 'label', 'mask')}, mesh)
-    out = predict_fn(variables, arrays['image'])
-    out, label, mask = multihost_utils.process_allgather(
-        (out, arrays['label'], arrays['mask']), tiled=True)
-    keep = np.asarray(mask).astype(bool)
-    outs.append(jax.tree.map(lambda x: np.asarray(x)[keep], out))
-    labels.append(np.asarray(label)[keep])
-  if not outs:
+  """(outputs, labels) of every real row of `batches` (see `gathered`), concatenated."""
+  parts = list(gathered(predict_fn, variables, batches, mesh))
+  if not parts:
     raise ValueError('extract got no batches.')
+  outs, columns = zip(*parts)
   return (jax.tree.map(lambda *xs: np.concatenate(xs), *outs),
-          np.concatenate(labels).astype(np.int32))
+          np.concatenate([c['label'] for c in columns]).astype(np.int32))
 
 
 # --- top-k accuracy ------------------------------------------------------------------------------

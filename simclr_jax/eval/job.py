@@ -1,20 +1,18 @@
 """The evaluation job: restore a pretraining run's encoder, run the configured evaluators.
 
 Read top to bottom: config → pretraining run (config.json + checkpoint) → mesh, model and the
-one feature forward → each evaluator of config.evaluators (linear probe, kNN, fine-tuning) on
-the pretrained encoder → with config.baseline the same on a random encoder, and the linear probe
-on raw pixels → results.json, metrics and one summary line. An evaluator is a function
-(Encoder, Context) → dict of figures; the maths lives in `linear_probe`, `knn` and `finetune`,
-inference in `features`.
+one inference forward → each evaluator of config.evaluators (the registry of
+eval/evaluators.py: linear probe, kNN, fine-tuning, the online probe) on the pretrained encoder
+→ with config.baseline the frozen-feature ones on a random encoder, and the linear probe on raw
+pixels → results.json, metrics and one summary line. The maths lives in `linear_probe`, `knn`
+and `finetune`, inference in `features`.
 """
-import dataclasses
 import json
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
@@ -24,7 +22,7 @@ from simclr_jax import workdir as workdir_lib
 from simclr_jax.data import host_input
 from simclr_jax.errors import ConfigError
 from simclr_jax.eval import encoder as encoder_lib
-from simclr_jax.eval import features, finetune, knn, linear_probe, pictures
+from simclr_jax.eval import evaluators, features, finetune, linear_probe, pictures
 
 RESULTS_FILE = 'results.json'
 EMBEDDING_FILE = 'embedding.png'  # t-SNE map of the eval split's features
@@ -44,9 +42,9 @@ def evaluator_names(config: ml_collections.ConfigDict) -> list[str]:
   """The names in config.evaluators, in order; a ConfigError for an unknown or repeated one."""
   names = [n.strip() for n in str(config.evaluators).split(',') if n.strip()]
   for name in names:
-    if name not in EVALUATORS:
+    if name not in evaluators.REGISTRY:
       raise ConfigError(f'config.evaluators={config.evaluators!r}: {name!r} is not one of '
-                        f'{sorted(EVALUATORS)} (comma-separated, e.g. linear_probe,knn).')
+                        f'{sorted(evaluators.REGISTRY)} (comma-separated, e.g. linear_probe,knn).')
   if not names or len(set(names)) != len(names):
     raise ConfigError(f'config.evaluators={config.evaluators!r} must name each evaluator once, '
                       'e.g. linear_probe,knn,finetune.')
@@ -124,144 +122,53 @@ def input_config(config: ml_collections.ConfigDict,
   return merged
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, split: str) -> None:
-  """The probe and kNN need labels in [0, num_classes): a ConfigError for unlabelled data."""
-  if not len(labels) or np.all(labels < 0):
-    raise ConfigError(f'split {split!r} has no labels (every label is -1); the linear probe '
-                      'and kNN need a labelled data set (set config.data.train_split / '
-                      'config.data.eval_split to labelled splits).')
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ConfigError(f'split {split!r} has labels in [{labels.min()}, {labels.max()}], outside '
-                      f'[0, config.data.num_classes={num_classes}).')
+def entry(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The config entry of evaluator `name` in the evaluation config (probe, knn, finetune)."""
+  sections = {'linear_probe': 'probe', 'knn': 'knn', 'finetune': 'finetune'}
+  return config[sections[name]] if name in sections else ml_collections.ConfigDict()
 
 
-# --- what the evaluators see ---------------------------------------------------------------------
+def eval_input(config: ml_collections.ConfigDict, pretrain_config: ml_collections.ConfigDict,
+               model: Any, mesh: Mesh, names: list[str]) -> evaluators.EvalInput:
+  """What the job's evaluators read: the host input's padded eval views of the pretraining data
+  (with the job's overrides) and the one forward computing what `names` read."""
+  cfg = input_config(config, pretrain_config)
+  batch = int(config.eval_batch_size)
+  # The feature always: the pictures read it whatever the evaluators are.
+  outputs = tuple(sorted({config.feature, *evaluators.output_names(names, config.feature)}))
+  predict = features.outputs_fn(model, mesh, outputs)
+  return evaluators.EvalInput(
+      mesh, predict, lambda split, ids: host_input.eval_iterator(cfg, split, batch, indices=ids),
+      cfg.data.train_split, cfg.data.eval_split, int(cfg.data.num_classes), int(config.seed),
+      feature=config.feature, strict_labels=True,
+      split_labels=lambda split: host_input.split_labels(cfg, split, read=False),
+      class_names=list(cfg.data.get('classes', ())) or None, input_config=cfg,
+      pretrain_config=pretrain_config, pretrain_workdir=str(config.pretrain_workdir),
+      probe=resolve_probe(config.probe, pretrain_config), eval_batch_size=batch)
 
 
-@dataclasses.dataclass(frozen=True)
-class Context:
-  """The job's settings shared by every evaluator."""
-  config: ml_collections.ConfigDict  # the evaluation config
-  input_config: ml_collections.ConfigDict  # input_config(): pretraining config + overrides
-  pretrain_config: ml_collections.ConfigDict
-  probe: ml_collections.ConfigDict  # config.probe with its preset applied
-  mesh: Mesh
-  feature_fn: features.PredictFn  # (variables, images) -> config.feature, the one forward
-
-  @property
-  def num_classes(self) -> int:
-    return int(self.input_config.data.num_classes)
-
-  @property
-  def class_names(self) -> list[str] | None:
-    """The folder source's class names (labels are positions in the list), else None."""
-    return list(self.input_config.data.get('classes', ())) or None
-
-
-@dataclasses.dataclass
-class Encoder:
-  """One encoder under evaluation; its eval-view features are extracted once per split."""
-  name: str  # 'pretrained' | 'random'
-  variables: Any  # {'params', 'batch_stats'} of the SimCLR model, replicated on the mesh
-  ctx: Context
-  _features: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
-
-  def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features [n, d], labels [n]) of every example of `split` (eval view, each once)."""
-    if split not in self._features:
-      ctx = self.ctx
-      batches = host_input.eval_iterator(ctx.input_config, split, ctx.config.eval_batch_size)
-      feats, labels = features.extract(ctx.feature_fn, self.variables, batches, ctx.mesh)
-      _check_labels(labels, ctx.num_classes, split)
-      self._features[split] = feats, labels
-    return self._features[split]
-
-
-# --- evaluators ----------------------------------------------------------------------------------
-
-
-def _augmented_batches(enc: Encoder, p: linear_probe.Protocol
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless (features, labels) of fresh crop (+ flip) views through the frozen encoder."""
-  ctx = enc.ctx
-  for batch in host_input.probe_train_iterator(ctx.input_config, p.batch_size,
-                                               crop_area=tuple(ctx.probe.crop_area),
-                                               flip=bool(ctx.probe.flip)):
-    _check_labels(batch['label'], ctx.num_classes, ctx.input_config.data.train_split)
-    batch = {**batch, 'mask': np.ones(batch['label'].shape, bool)}
-    yield features.extract(ctx.feature_fn, enc.variables, [batch], ctx.mesh)
-
-
-def eval_linear_probe(enc: Encoder, ctx: Context) -> dict[str, Any]:
-  """Top-1/top-5 of the linear probe on the eval split, with the protocol that produced them."""
-  data = ctx.input_config.data
-  test_feats, test_labels = enc.features(data.eval_split)
-  p = linear_probe.protocol(ctx.probe, host_input.num_examples(ctx.input_config))
-  if p.mode == 'cached':
-    train_feats, train_labels = enc.features(data.train_split)
-    params = linear_probe.train_cached(train_feats, train_labels, ctx.num_classes, p,
-                                       ctx.config.seed)
-  else:
-    # Standardisation statistics, when asked for, are the eval-view train features'.
-    stats = (linear_probe.standardisation(enc.features(data.train_split)[0])
-             if p.standardise else None)
-    params = linear_probe.train_streamed(_augmented_batches(enc, p), test_feats.shape[1],
-                                         ctx.num_classes, p, stats)
-  logits = linear_probe.predict_linear_probe(params, test_feats)
-  return {**features.topk_accuracy(logits, test_labels), 'protocol': p.as_dict(),
-          'per_class_top1': features.per_class_accuracy(logits, test_labels,
-                                                        ctx.class_names)}
-
-
-def eval_knn(enc: Encoder, ctx: Context) -> dict[str, Any]:
-  """Top-1/top-5 of the weighted kNN on eval-view features (train split as memory)."""
-  data = ctx.input_config.data
-  train_feats, train_labels = enc.features(data.train_split)
-  test_feats, test_labels = enc.features(data.eval_split)
-  k, temperature = int(ctx.config.knn.k), float(ctx.config.knn.temperature)
-  acc = knn.knn_accuracy(train_feats, train_labels, test_feats, test_labels, ctx.num_classes,
-                         k=k, temperature=temperature)
-  return {**acc, 'k': k, 'temperature': temperature}
-
-
-def eval_finetune(enc: Encoder, ctx: Context) -> dict[str, Any]:
-  """Top-1/top-5 after fine-tuning (config.finetune); the fine-tuned weights are not kept."""
-  results, _ = finetune.finetune(enc.variables, ctx.pretrain_config, ctx.input_config,
-                                 ctx.config.finetune, ctx.mesh, ctx.config.eval_batch_size,
-                                 ctx.config.pretrain_workdir)
-  return results
-
-
-EVALUATORS: dict[str, Callable[[Encoder, Context], dict[str, Any]]] = {
-    'linear_probe': eval_linear_probe, 'knn': eval_knn, 'finetune': eval_finetune}
-# A random encoder is judged with the frozen-feature evaluators only.
-BASELINE_EVALUATORS = ('linear_probe', 'knn')
-
-
-def pixel_baseline(ctx: Context) -> dict[str, Any]:
+def pixel_baseline(inputs: evaluators.EvalInput, max_mb: float) -> dict[str, Any]:
   """The linear probe (cached, standardised) on flattened eval-view pixels.
 
-  The train examples are capped by config.pixels.max_mb of float32 pixels: beyond that, a
-  seeded class-balanced subset of the train split; the test split is streamed whole.
+  The train examples are capped by `max_mb` (config.pixels.max_mb) of float32 pixels: beyond
+  that, a seeded class-balanced subset of the train split; the test split is streamed whole.
   """
-  cfg, batch = ctx.input_config, ctx.config.eval_batch_size
+  cfg, mesh = inputs.input_config, inputs.mesh
   size = cfg.data.image_size
   n = host_input.num_examples(cfg)
-  cap = max(1, int(ctx.config.pixels.max_mb * 2**20 // (size * size * 3 * 4)))
+  cap = max(1, int(max_mb * 2**20 // (size * size * 3 * 4)))
   ids = finetune.label_subset(cfg, cap / n, cfg.seed)[0] if n > cap else None
-  flat = features.make_predict_fn(lambda _, x: x.reshape(x.shape[0], -1), ctx.mesh)
-  pixels, labels = features.extract(
-      flat, {}, host_input.eval_iterator(cfg, cfg.data.train_split, batch, indices=ids),
-      ctx.mesh)
-  _check_labels(labels, ctx.num_classes, cfg.data.train_split)
-  probe = ml_collections.ConfigDict(ctx.probe.to_dict())
+  flat = features.make_predict_fn(lambda _, x: x.reshape(x.shape[0], -1), mesh)
+  pixels, labels = features.extract(flat, {}, inputs.batches(inputs.train_split, ids), mesh)
+  evaluators.check_labels(labels, inputs.num_classes, inputs.train_split)
+  probe = ml_collections.ConfigDict(inputs.probe.to_dict())
   probe.standardise = True  # raw pixels are not centred; the textbook baseline standardises
   p = linear_probe.protocol(probe, len(labels), mode='cached')
-  params = linear_probe.train_cached(pixels, labels, ctx.num_classes, p, cfg.seed)
+  params = linear_probe.train_cached(pixels, labels, inputs.num_classes, p, cfg.seed)
   logits_fn = features.make_predict_fn(
-      lambda v, x: linear_probe.predict_linear_probe(v, x.reshape(x.shape[0], -1)), ctx.mesh)
-  logits, test_labels = features.extract(
-      logits_fn, params, host_input.eval_iterator(cfg, cfg.data.eval_split, batch), ctx.mesh)
+      lambda v, x: linear_probe.predict_linear_probe(v, x.reshape(x.shape[0], -1)), mesh)
+  logits, test_labels = features.extract(logits_fn, params,
+                                         inputs.batches(inputs.eval_split, None), mesh)
   return {**features.topk_accuracy(logits, test_labels), 'num_train': int(len(labels)),
           'protocol': p.as_dict()}
 
@@ -269,22 +176,24 @@ def pixel_baseline(ctx: Context) -> dict[str, Any]:
 # --- the job -------------------------------------------------------------------------------------
 
 
-def _pictures(workdir: str, ctx: Context, pretrained: Encoder, rand: Encoder | None) -> None:
-  """EVAL_WORKDIR/embedding.png (t-SNE of eval-split h, the random encoder's beside it) and
-  curves.png (the pretraining run's metrics.jsonl); a missing metrics file is only a warning."""
-  feats, labels = pretrained.features(ctx.input_config.data.eval_split)
-  baseline = rand.features(ctx.input_config.data.eval_split)[0] if rand is not None else None
+def _pictures(workdir: str, config: ml_collections.ConfigDict, pretrained: evaluators.Encoder,
+              rand: evaluators.Encoder | None) -> None:
+  """EVAL_WORKDIR/embedding.png (t-SNE of eval-split features, the random encoder's beside it)
+  and curves.png (the pretraining run's metrics.jsonl); a missing metrics file is a warning."""
+  inputs = pretrained.inputs
+  feats, labels = pretrained.features(inputs.eval_split)
+  baseline = rand.features(inputs.eval_split)[0] if rand is not None else None
   out = epath.Path(workdir)
-  pictures.embedding_map(str(out / EMBEDDING_FILE), feats, labels, ctx.class_names, baseline,
-                         seed=ctx.config.seed)
+  pictures.embedding_map(str(out / EMBEDDING_FILE), feats, labels, inputs.class_names, baseline,
+                         seed=config.seed)
   try:
-    rows = metrics.read_metrics(ctx.config.pretrain_workdir)
+    rows = metrics.read_metrics(config.pretrain_workdir)
   except FileNotFoundError:
     rows = []
   if rows:
     pictures.training_curves(str(out / CURVES_FILE), rows)
   else:
-    logging.warning('No %s in %s: no %s.', metrics.METRICS_FILE, ctx.config.pretrain_workdir,
+    logging.warning('No %s in %s: no %s.', metrics.METRICS_FILE, config.pretrain_workdir,
                     CURVES_FILE)
   logging.info('Pictures: %s', ', '.join(str(out / f) for f in (EMBEDDING_FILE, CURVES_FILE)
                                         if (out / f).exists()))
@@ -299,6 +208,8 @@ def summary_line(results: dict[str, Any]) -> str:
                  f"({r['protocol']['mode']}, {r['protocol']['steps']} steps)")
   if 'knn' in results:
     parts.append(f"kNN top-1 {results['knn']['top1']:.3f}")
+  if 'online_probe' in results:
+    parts.append(f"online probe top-1 {results['online_probe']['top1']:.3f}")
   if 'finetune' in results:
     r = results['finetune']
     parts.append(f"fine-tune ({r['label_fraction'] * 100:g}% of {r['data']['dataset']}) "
@@ -350,19 +261,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                   config.checkpoint_step, mesh)
   logging.info('Evaluating %s at step %d: %s (feature %s).', config.pretrain_workdir, step,
                ', '.join(names), config.feature)
-  # One jitted forward for every encoder: the random baseline reuses its compilation.
-  ctx = Context(config, cfg, pretrain_config, probe, mesh,
-                features.feature_fn(model, mesh, config.feature))
+  # One jitted forward for every evaluator and encoder: the random baseline reuses it.
+  inputs = eval_input(config, pretrain_config, model, mesh, names)
+  built = {name: evaluators.make(name, entry(config, name), inputs) for name in names}
 
-  pretrained = Encoder('pretrained', variables, ctx)
-  results = {name: EVALUATORS[name](pretrained, ctx) for name in names}
+  pretrained = evaluators.Encoder('pretrained', variables, inputs)
+  results = {name: built[name].run(pretrained) for name in names}
   if config.baseline:
-    rand = Encoder('random', encoder_lib.random_init(model, pretrain_config, config.seed, mesh),
-                   ctx)
+    rand = evaluators.Encoder(
+        'random', encoder_lib.random_init(model, pretrain_config, config.seed, mesh), inputs)
     results['baseline'] = {
-        'random_encoder': {name: EVALUATORS[name](rand, ctx)
-                           for name in names if name in BASELINE_EVALUATORS},
-        'pixels': pixel_baseline(ctx)}
+        'random_encoder': {name: built[name].run(rand)
+                           for name in names if name in evaluators.BASELINE},
+        'pixels': pixel_baseline(inputs, config.pixels.max_mb)}
   train_split, eval_split = cfg.data.train_split, cfg.data.eval_split
   results.update(
       checkpoint_step=int(step), pretrain_workdir=str(config.pretrain_workdir),
@@ -374,7 +285,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     path = epath.Path(workdir) / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + '\n')
     if config.pictures:
-      _pictures(workdir, ctx, pretrained, rand if config.baseline else None)
+      _pictures(workdir, config, pretrained, rand if config.baseline else None)
   writer = metrics.MetricWriter(workdir)
   writer.write(step, scalars(results))
   writer.close()

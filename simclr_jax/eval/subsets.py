@@ -1,6 +1,6 @@
 """Seeded subsets of a split that represent it: class by class, never "the first N".
 
-No TensorFlow here: the pretraining loop's monitor uses these where TensorFlow is absent.
+No TensorFlow here: evaluation during pretraining uses these where TensorFlow is absent.
 """
 import numpy as np
 
@@ -26,7 +26,7 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 
 def knn_memory(ids: np.ndarray, labels: np.ndarray, max_examples: int, seed: int) -> np.ndarray:
-  """Sorted ids of the kNN monitor's memory: every labelled example when there are at most
+  """Sorted ids of a kNN memory: every labelled example when there are at most
   `max_examples` (or `max_examples` <= 0), else a seeded sample of about `max_examples` whose
   class histogram follows the split's (`balanced_subset`, per class round(count × fraction)).
 
