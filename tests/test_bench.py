@@ -213,3 +213,59 @@ def test_device_bytes_limit_from_memory_stats():
   assert common.device_bytes_limit(Device({'bytes_limit': 80 * 2**30})) == 80 * 2**30
   assert common.device_bytes_limit(Device(None)) == float('inf')  # CPU: no stats
   assert common.device_bytes_limit(Device(RuntimeError('unsupported'))) == float('inf')
+
+
+# --- vs_tf: the official TF2 step beside this project's ------------------------------------------
+
+def test_vs_tf_without_the_official_code_names_the_flag(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'simclr_jax.bench', 'vs_tf',
+                         f'--official={tmp_path}', f'--out_dir={tmp_path}'], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert f"--official='{tmp_path}' has no model.py" in proc.stderr
+  assert 'google-research/simclr' in proc.stderr and not os.listdir(tmp_path)
+
+
+_OFFICIAL_FLAGS = textwrap.dedent("""
+    import json, sys
+    from configs import cifar10
+    from simclr_jax.bench import vs_tf
+    config = cifar10.get_config()
+    print(json.dumps(vs_tf.official_flags(config, config.train.batch_size)))
+    config.model.width = 0.25
+    vs_tf.official_flags(config, 128)
+""")
+
+
+def test_vs_tf_sets_the_official_flags_of_the_readme_cifar10_command():
+  """The official README's CIFAR-10 command, flag by flag (independent text): `python run.py
+  --train_mode=pretrain --train_batch_size=512 --train_epochs=1000 --learning_rate=1.0
+  --weight_decay=1e-4 --temperature=0.5 --dataset=cifar10 --image_size=32 --eval_split=test
+  --resnet_depth=18 --use_blur=False --color_jitter_strength=0.5 ...`. In a subprocess: vs_tf
+  defines absl flags that other benchmark modules define too."""
+  proc = subprocess.run([sys.executable, '-c', _OFFICIAL_FLAGS], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  settings = json.loads(proc.stdout.splitlines()[0])
+  readme = {'train_mode': 'pretrain', 'train_batch_size': 512, 'train_epochs': 1000,
+            'learning_rate': 1.0, 'weight_decay': 1e-4, 'temperature': 0.5, 'image_size': 32,
+            'resnet_depth': 18}
+  assert {k: settings[k] for k in readme} == readme
+  # Both sides build the same network: width 1, LARS, the recipe's own projection head.
+  assert settings['width_multiplier'] == 1 and settings['optimizer'] == 'lars'
+  assert settings['num_proj_layers'] == 3 and settings['proj_out_dim'] == 128
+  # Width 1/4 has no official twin (the official flag is an integer): refused, with the reason.
+  assert proc.returncode != 0 and 'integer --width_multiplier' in proc.stderr
+
+
+@pytest.mark.skipif(not os.environ.get('SIMCLR_OFFICIAL_TF2'),
+                    reason='set SIMCLR_OFFICIAL_TF2=PATH/simclr/tf2 (and install tf_keras) to '
+                           'time the official step beside this one')
+def test_vs_tf_real(tmp_path):
+  record = _bench('vs_tf', [f'--official={os.environ["SIMCLR_OFFICIAL_TF2"]}', '--batch=8',
+                            '--steps=1', '--warmup=0', '--rounds=1'], str(tmp_path),
+                  timeout=1200)
+  figures = record['figures']
+  assert len(figures['rounds']) == 1 and figures['official_s_median'] > 0
+  # The record's ratio of its own two medians: one float64 division.
+  assert figures['ratio_median'] == pytest.approx(
+      figures['official_s_median'] / figures['ours_s_median'])

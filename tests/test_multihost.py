@@ -23,10 +23,9 @@ from ml_collections import config_flags
 
 import numerics
 import processes
-from simclr_jax import checkpoint, optim, parallel, train_step
+from simclr_jax import build, checkpoint, parallel
 from simclr_jax import metrics
 from simclr_jax.data import host_input, sources
-from simclr_jax.models import simclr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -137,16 +136,12 @@ class _Reference:
   def __init__(self, devices):
     self.config = c = _config()
     self.mesh = parallel.make_mesh(devices)
-    self.model = simclr.from_config(c.model, c.data.num_classes)
-    num_examples = host_input.num_examples(c)
-    self.tx, lr = optim.make_optimizer(c.optim, c.train.batch_size, num_examples, STEPS)
-    self.step_fn = train_step.make_train_step(self.model, self.tx, lr, c.loss.temperature,
-                                              self.mesh)
+    # The job's own build path, with the job's step count (config.train.steps = STEPS).
+    self.training = build.training(c, self.mesh, host_input.num_examples(c))
+    self.step_fn = self.training.step
 
   def init(self):
-    size = self.config.data.image_size
-    return train_step.init_state(self.model, self.tx, jax.random.key(self.config.seed),
-                                 (size, size, 3), self.mesh)
+    return self.training.init_state()
 
   def restore(self, workdir, step):
     mgr = checkpoint.manager(str(workdir), save_every_steps=1000, keep=100)

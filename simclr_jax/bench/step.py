@@ -25,7 +25,7 @@ from simclr_jax.bench import common
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Recipe to benchmark.',
                                           lock_config=True)
 _BATCH = flags.DEFINE_integer('batch', None, 'Global batch (default: the recipe\'s).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (at least 1).', lower_bound=1)
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _OUT = flags.DEFINE_string('out_dir', 'bench_results', 'Where the JSON goes.')
 
@@ -95,8 +95,8 @@ def benchmark(config, batch: int, steps: int, warmup: int) -> dict:
           state, views, None))
   compiled_mem = common.compiled_memory(compiled) or {}
   for _ in range(warmup):
-    state, metrics = compiled(state, views, None)
-  jax.block_until_ready(metrics)
+    state, _ = compiled(state, views, None)
+  jax.block_until_ready(state)  # with --warmup=0, the state as initialised
   times = []
   cpu_start = time.process_time()
   for _ in range(steps):
