@@ -75,8 +75,9 @@ def official_flags(config: Any, batch: int) -> dict[str, Any]:
 
 
 def _official_times(path: str, settings: dict[str, Any], num_classes: int, steps: int,
-                    warmup: int) -> list[float]:
-  """Step times of the official step (this process imports TensorFlow and the official code)."""
+                    warmup: int) -> tuple[list[float], float]:
+  """(step times, CPU seconds per step) of the official step; this process imports TensorFlow
+  and the official code."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not tf.keras.__name__.startswith('tf_keras'):
@@ -115,12 +116,13 @@ def _official_times(path: str, settings: dict[str, Any], num_classes: int, steps
   labels = tf.one_hot(rng.integers(0, max(num_classes, 1), batch), max(num_classes, 1))
   for _ in range(1 + warmup):  # the first call traces and builds
     step(views, labels).numpy()
-  times = []
+  times, cpu = [], time.process_time()
   for _ in range(steps):
     start = time.perf_counter()
     step(views, labels).numpy()
     times.append(time.perf_counter() - start)
-  return times
+  # CPU seconds of this process per step: whether TensorFlow kept the cores busy.
+  return times, (time.process_time() - cpu) / steps
 
 
 def _child(args: list[str]) -> list[str]:
@@ -134,18 +136,20 @@ def _child(args: list[str]) -> list[str]:
   return proc.stdout.splitlines()
 
 
-def _official_round(overrides: list[str], path: str) -> float:
-  """Median official step time of one child process."""
+def _official_round(overrides: list[str], path: str) -> tuple[float, float]:
+  """(median step time, CPU seconds per step) of the official step in one child process."""
   lines = _child(['vs_tf', *overrides, f'--official={path}', '--role=official'])
-  return statistics.median(json.loads([l for l in lines if l.startswith('{')][-1])['step_s'])
+  record = json.loads([l for l in lines if l.startswith('{')][-1])
+  return statistics.median(record['step_s']), record['cpu_s_per_step']
 
 
-def _our_round(overrides: list[str], out_dir: str) -> float:
-  """Median step time of one `bench step` child process (read from the JSON it saves)."""
+def _our_round(overrides: list[str], out_dir: str) -> tuple[float, float]:
+  """(median step time, CPU seconds per step) of one `bench step` child process."""
   lines = _child(['step', *overrides, f'--out_dir={out_dir}'])
   saved = [l.removeprefix('saved ') for l in lines if l.startswith('saved ')][-1]
   with open(saved) as f:
-    return json.load(f)['figures']['step_s_median']
+    figures = json.load(f)['figures']
+  return figures['step_s_median'], figures['cpu_s_per_step']
 
 
 def _run(argv: list[str]) -> None:
@@ -154,9 +158,9 @@ def _run(argv: list[str]) -> None:
   path = check_official(_OFFICIAL.value)
   settings = official_flags(config, batch)
   if _ROLE.value == 'official':
-    times = _official_times(path, settings, config.data.num_classes, _STEPS.value,
-                            _WARMUP.value)
-    print(json.dumps({'step_s': times}))
+    times, cpu_s = _official_times(path, settings, config.data.num_classes, _STEPS.value,
+                                   _WARMUP.value)
+    print(json.dumps({'step_s': times, 'cpu_s_per_step': cpu_s}))
     return
   from simclr_jax.bench import common  # pylint: disable=g-import-not-at-top
   # The recipe as given (--config=FILE and any --config.key=value), for both children.
@@ -167,8 +171,10 @@ def _run(argv: list[str]) -> None:
                f'--warmup={_WARMUP.value}']
   rounds = []
   for r in range(_ROUNDS.value):
-    rounds.append({'official_s': _official_round(overrides, path),
-                   'ours_s': _our_round(overrides, os.path.join(_OUT.value, 'vs_tf_steps'))})
+    official_s, official_cpu_s = _official_round(overrides, path)
+    ours_s, ours_cpu_s = _our_round(overrides, os.path.join(_OUT.value, 'vs_tf_steps'))
+    rounds.append({'official_s': official_s, 'ours_s': ours_s,
+                   'official_cpu_s': official_cpu_s, 'ours_cpu_s': ours_cpu_s})
     rounds[-1]['ratio'] = rounds[-1]['official_s'] / rounds[-1]['ours_s']
     print(f"round {r + 1}: official {rounds[-1]['official_s']:.3f} s, ours "
           f"{rounds[-1]['ours_s']:.3f} s, official/ours {rounds[-1]['ratio']:.2f}", flush=True)
