@@ -3,7 +3,10 @@
 XLA reads XLA_FLAGS when its CPU backend starts (at the first device query), not at import, so
 importing simclr_jax.parallel here for its flags is early enough.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 from simclr_jax.parallel import with_cpu_flags
 
@@ -18,6 +21,14 @@ import jax  # noqa: E402  (after the flags on purpose)
 import pytest  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
+# A persistent compilation cache for this test process: tests that build the same tiny program
+# (the demo's step, its eval forward) through new jax.jit objects compile it once. Set here,
+# not through JAX_COMPILATION_CACHE_DIR, so that subprocesses do not inherit it: the processes
+# of one multi-process job must compile for themselves (tests/processes.py says why).
+_CACHE_DIR = tempfile.mkdtemp(prefix='simclr_jax_tests_xla_cache_')
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 @pytest.fixture(scope='session')
