@@ -257,6 +257,29 @@ def test_vs_tf_sets_the_official_flags_of_the_readme_cifar10_command():
   assert proc.returncode != 0 and 'integer --width_multiplier' in proc.stderr
 
 
+_ONEDNN_ON = ('import sys; sys.path.insert(0, sys.argv[1]); from simclr_jax.bench import vs_tf; '
+              'import os, subprocess; '
+              'env = vs_tf.official_env(sys.argv[2], dict(os.environ)); '
+              'code = "import tensorflow; from tensorflow.python.util import _pywrap_util_port '
+              'as p; print(p.IsMklEnabled())"; '
+              'print(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, '
+              'text=True).stdout.strip())')
+
+
+@pytest.mark.parametrize('setting,expected', [('on', 'True'), ('off', 'False')])
+def test_vs_tf_official_onednn_setting_is_what_tensorflow_runs(setting, expected):
+  """TensorFlow's own answer (IsMklEnabled) in the environment the official child gets: 'on'
+  turns oneDNN on even where TensorFlow's CPU policy leaves it off (CPUs without AVX512_VNNI,
+  AVX512_BF16, AVX_VNNI or AMX), 'off' turns it off where the policy turns it on, whatever the
+  caller's own TF_ENABLE_ONEDNN_OPTS."""
+  env = _env()
+  env['TF_ENABLE_ONEDNN_OPTS'] = {'on': '0', 'off': '1'}[setting]  # the opposite, overridden
+  proc = subprocess.run([sys.executable, '-c', _ONEDNN_ON, ROOT, setting], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == expected
+
+
 @pytest.mark.skipif(not os.environ.get('SIMCLR_OFFICIAL_TF2'),
                     reason='set SIMCLR_OFFICIAL_TF2=PATH/simclr/tf2 (and install tf_keras) to '
                            'time the official step beside this one')
@@ -269,3 +292,5 @@ def test_vs_tf_real(tmp_path):
   # The record's ratio of its own two medians: one float64 division.
   assert figures['ratio_median'] == pytest.approx(
       figures['official_s_median'] / figures['ours_s_median'])
+  # The default times the official step at its fastest: with oneDNN, as TensorFlow reports it.
+  assert figures['official_onednn'] == 'on' and figures['rounds'][0]['official_onednn'] is True

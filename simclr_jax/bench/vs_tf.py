@@ -16,6 +16,15 @@ add_contrastive_loss`, `objective.add_supervised_loss`, `model.add_weight_decay`
 recipe. The official code needs Keras 2: `pip install 'tf_keras==2.21.*'` (the child process
 sets TF_USE_LEGACY_KERAS=1). Both sides take random views of the recipe's size: the input
 pipeline is not timed.
+
+TensorFlow's convolutions run on oneDNN only where it is on. Its default on Linux
+(tensorflow/core/util/port.cc, `DefaultOneDnnPolicy`) is on for CPUs with "neural network
+features" and off otherwise: `TestCPUFeature(AVX512_VNNI) || TestCPUFeature(AVX512_BF16) ||
+TestCPUFeature(AVX_VNNI) || TestCPUFeature(AMX_TILE) || ...`, read once from
+TF_ENABLE_ONEDNN_OPTS. So the same official step takes about half the time on a CPU with
+AVX-512 VNNI as on an AVX2-only one of the same speed. `--official_onednn=on` (the default)
+times the official step at its fastest (TF_ENABLE_ONEDNN_OPTS=1), `off` without oneDNN, and
+`default` as TensorFlow decides for this CPU; every round records whether oneDNN was on.
 """
 import json
 import os
@@ -36,6 +45,11 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per process.', lower_boun
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations (one official, one ours each).')
 _OUT = flags.DEFINE_string('out_dir', 'bench_results', 'Where the JSON goes.')
+_ONEDNN = flags.DEFINE_enum(
+    'official_onednn', 'on', ['on', 'off', 'default'],
+    "TensorFlow's oneDNN kernels for the official step: on (TF_ENABLE_ONEDNN_OPTS=1, its fastest "
+    'CPU path), off, or default (TensorFlow decides from the CPU: on with AVX512_VNNI, '
+    'AVX512_BF16, AVX_VNNI or AMX).')
 _ROLE = flags.DEFINE_enum('role', 'driver', ['driver', 'official'],
                           'Internal: the child process that times the official step.')
 _OFFICIAL_FILES = ('model.py', 'resnet.py', 'objective.py', 'lars_optimizer.py', 'run.py')
@@ -74,12 +88,24 @@ def official_flags(config: Any, batch: int) -> dict[str, Any]:
       'train_epochs': int(config.train.epochs), 'batch_norm_decay': 0.9, 'global_bn': True}
 
 
+def official_env(onednn: str, environ: dict[str, str]) -> dict[str, str]:
+  """`environ` for the official child: Keras 2, quiet logs, and TF_ENABLE_ONEDNN_OPTS set from
+  `onednn` ('on', 'off', or 'default': unset, so TensorFlow's own CPU policy decides)."""
+  env = dict(environ, TF_USE_LEGACY_KERAS='1', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('TF_ENABLE_ONEDNN_OPTS', None)
+  if onednn != 'default':
+    env['TF_ENABLE_ONEDNN_OPTS'] = {'on': '1', 'off': '0'}[onednn]
+  return env
+
+
 def _official_times(path: str, settings: dict[str, Any], num_classes: int, steps: int,
-                    warmup: int) -> tuple[list[float], float]:
-  """(step times, CPU seconds per step) of the official step; this process imports TensorFlow
-  and the official code."""
+                    warmup: int) -> tuple[list[float], float, bool]:
+  """(step times, CPU seconds per step, whether oneDNN was on) of the official step; this
+  process imports TensorFlow and the official code."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # TensorFlow's own answer (env var and CPU policy together); it has no public accessor.
+  from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
   if not tf.keras.__name__.startswith('tf_keras'):
     sys.exit("error: tf.keras is Keras 3; the official code needs Keras 2: pip install "
              "'tf_keras==2.21.*' (or put it on PYTHONPATH).")
@@ -122,12 +148,11 @@ def _official_times(path: str, settings: dict[str, Any], num_classes: int, steps
     step(views, labels).numpy()
     times.append(time.perf_counter() - start)
   # CPU seconds of this process per step: whether TensorFlow kept the cores busy.
-  return times, (time.process_time() - cpu) / steps
+  return times, (time.process_time() - cpu) / steps, bool(_pywrap_util_port.IsMklEnabled())
 
 
-def _child(args: list[str]) -> list[str]:
+def _child(args: list[str], env: dict[str, str]) -> list[str]:
   """Runs `python -m simclr_jax.bench <args>` in a process of its own; its stdout lines."""
-  env = dict(os.environ, TF_USE_LEGACY_KERAS='1', TF_CPP_MIN_LOG_LEVEL='2')
   proc = subprocess.run([sys.executable, '-m', 'simclr_jax.bench', *args], env=env, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
   if proc.returncode:
@@ -136,16 +161,18 @@ def _child(args: list[str]) -> list[str]:
   return proc.stdout.splitlines()
 
 
-def _official_round(overrides: list[str], path: str) -> tuple[float, float]:
-  """(median step time, CPU seconds per step) of the official step in one child process."""
-  lines = _child(['vs_tf', *overrides, f'--official={path}', '--role=official'])
+def _official_round(overrides: list[str], path: str, onednn: str) -> tuple[float, float, bool]:
+  """(median step time, CPU seconds per step, oneDNN on) of the official step in one child
+  process."""
+  lines = _child(['vs_tf', *overrides, f'--official={path}', '--role=official'],
+                 official_env(onednn, dict(os.environ)))
   record = json.loads([l for l in lines if l.startswith('{')][-1])
-  return statistics.median(record['step_s']), record['cpu_s_per_step']
+  return statistics.median(record['step_s']), record['cpu_s_per_step'], record['onednn']
 
 
 def _our_round(overrides: list[str], out_dir: str) -> tuple[float, float]:
   """(median step time, CPU seconds per step) of one `bench step` child process."""
-  lines = _child(['step', *overrides, f'--out_dir={out_dir}'])
+  lines = _child(['step', *overrides, f'--out_dir={out_dir}'], dict(os.environ))
   saved = [l.removeprefix('saved ') for l in lines if l.startswith('saved ')][-1]
   with open(saved) as f:
     figures = json.load(f)['figures']
@@ -158,9 +185,9 @@ def _run(argv: list[str]) -> None:
   path = check_official(_OFFICIAL.value)
   settings = official_flags(config, batch)
   if _ROLE.value == 'official':
-    times, cpu_s = _official_times(path, settings, config.data.num_classes, _STEPS.value,
-                                   _WARMUP.value)
-    print(json.dumps({'step_s': times, 'cpu_s_per_step': cpu_s}))
+    times, cpu_s, onednn = _official_times(path, settings, config.data.num_classes,
+                                           _STEPS.value, _WARMUP.value)
+    print(json.dumps({'step_s': times, 'cpu_s_per_step': cpu_s, 'onednn': onednn}))
     return
   from simclr_jax.bench import common  # pylint: disable=g-import-not-at-top
   # The recipe as given (--config=FILE and any --config.key=value), for both children.
@@ -171,19 +198,20 @@ def _run(argv: list[str]) -> None:
                f'--warmup={_WARMUP.value}']
   rounds = []
   for r in range(_ROUNDS.value):
-    official_s, official_cpu_s = _official_round(overrides, path)
+    official_s, official_cpu_s, onednn = _official_round(overrides, path, _ONEDNN.value)
     ours_s, ours_cpu_s = _our_round(overrides, os.path.join(_OUT.value, 'vs_tf_steps'))
-    rounds.append({'official_s': official_s, 'ours_s': ours_s,
+    rounds.append({'official_s': official_s, 'ours_s': ours_s, 'official_onednn': onednn,
                    'official_cpu_s': official_cpu_s, 'ours_cpu_s': ours_cpu_s})
     rounds[-1]['ratio'] = rounds[-1]['official_s'] / rounds[-1]['ours_s']
-    print(f"round {r + 1}: official {rounds[-1]['official_s']:.3f} s, ours "
-          f"{rounds[-1]['ours_s']:.3f} s, official/ours {rounds[-1]['ratio']:.2f}", flush=True)
+    print(f"round {r + 1}: official {rounds[-1]['official_s']:.3f} s (oneDNN "
+          f"{'on' if onednn else 'off'}), ours {rounds[-1]['ours_s']:.3f} s, official/ours "
+          f"{rounds[-1]['ratio']:.2f}", flush=True)
   ratios = [x['ratio'] for x in rounds]
   figures = {'ratio_min': min(ratios), 'ratio_median': statistics.median(ratios),
              'ratio_max': max(ratios),
              'official_s_median': statistics.median(x['official_s'] for x in rounds),
              'ours_s_median': statistics.median(x['ours_s'] for x in rounds),
-             'global_batch': batch, 'rounds': rounds}
+             'official_onednn': _ONEDNN.value, 'global_batch': batch, 'rounds': rounds}
   common.print_table([{k: v for k, v in figures.items() if k != 'rounds'}])
   saved = common.save('vs_tf', _OUT.value, {'config': config.to_dict(), 'batch': batch,
                                             'official_flags': settings}, figures)
