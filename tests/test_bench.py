@@ -215,6 +215,28 @@ def test_device_bytes_limit_from_memory_stats():
   assert common.device_bytes_limit(Device(RuntimeError('unsupported'))) == float('inf')
 
 
+def test_convs_finds_every_convolution_of_resnet18(tmp_path):
+  """ResNet-18 as the official tf2/resnet.py has 21 convolutions: the stem, 16 3x3 in 8 basic
+  blocks, and a 1x1 projection shortcut on the first block of each of the 4 stages."""
+  record = _bench('convs', [*TINY, '--batch=16', '--config.cpu_devices=2', '--repeats=1'],
+                  str(tmp_path))
+  figures = record['figures']
+  rows = 2 * 16 // 2  # two views of each of 16 images, over 2 CPU devices
+  assert figures['rows_per_device'] == rows and figures['devices'] == 2
+  table = figures['table']
+  assert sum(r['count'] for r in table) == 21
+  # The stem (width 64 / 16 = 4 filters, 3x3 over RGB, stride 1 on 8x8 images) by hand.
+  stem = table[0]
+  assert (stem['input'], stem['kernel'], stem['stride']) == (f'{rows}x8x8x3', '3x3x3x4', '1x1')
+  assert stem['gflop'] == pytest.approx(2 * rows * 8 * 8 * 4 * 3 * 3 * 3 / 1e9, rel=1e-12)
+  # Totals: every call of a step, on every device; the images need no input gradient.
+  total = {name: 2 * sum(r['count'] * r[f'{name}_cpu_ms'] for r in table
+                         if not (name == 'input_grad' and r is stem)) / 1e3
+           for name in ('forward', 'input_grad', 'kernel_grad')}
+  for name, value in total.items():
+    assert figures['step_conv_cpu_s'][name] == pytest.approx(value, rel=1e-9)
+
+
 # --- vs_tf: the official TF2 step beside this project's ------------------------------------------
 
 def test_vs_tf_without_the_official_code_names_the_flag(tmp_path):

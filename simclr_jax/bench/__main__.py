@@ -1,9 +1,9 @@
-"""`python -m simclr_jax.bench <step|input|loss|end_to_end|compile_check|vs_tf> [flags]`: one
-sub-command."""
+"""`python -m simclr_jax.bench <step|convs|input|loss|end_to_end|compile_check|vs_tf> [flags]`:
+one sub-command."""
 import importlib
 import sys
 
-SUBCOMMANDS = ('step', 'input', 'loss', 'end_to_end', 'compile_check', 'vs_tf')
+SUBCOMMANDS = ('step', 'convs', 'input', 'loss', 'end_to_end', 'compile_check', 'vs_tf')
 
 
 # Recipe of a sub-command run without --config (the step flag's own default is cifar10).
