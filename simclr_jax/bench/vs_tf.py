@@ -21,8 +21,8 @@ TensorFlow's convolutions run on oneDNN only where it is on. Its default on Linu
 (tensorflow/core/util/port.cc, `DefaultOneDnnPolicy`) is on for CPUs with "neural network
 features" and off otherwise: `TestCPUFeature(AVX512_VNNI) || TestCPUFeature(AVX512_BF16) ||
 TestCPUFeature(AVX_VNNI) || TestCPUFeature(AMX_TILE) || ...`, read once from
-TF_ENABLE_ONEDNN_OPTS. So the same official step takes about half the time on a CPU with
-AVX-512 VNNI as on an AVX2-only one of the same speed. `--official_onednn=on` (the default)
+TF_ENABLE_ONEDNN_OPTS. On an AVX2-only CPU, turning it on nearly halved the official step
+(README "Performance"). `--official_onednn=on` (the default)
 times the official step at its fastest (TF_ENABLE_ONEDNN_OPTS=1), `off` without oneDNN, and
 `default` as TensorFlow decides for this CPU; every round records whether oneDNN was on.
 """
@@ -151,8 +151,9 @@ def _official_times(path: str, settings: dict[str, Any], num_classes: int, steps
   return times, (time.process_time() - cpu) / steps, bool(_pywrap_util_port.IsMklEnabled())
 
 
-def _child(args: list[str], env: dict[str, str]) -> list[str]:
-  """Runs `python -m simclr_jax.bench <args>` in a process of its own; its stdout lines."""
+def _child(args: list[str], env: dict[str, str] | None = None) -> list[str]:
+  """Runs `python -m simclr_jax.bench <args>` in a process of its own (in `env`, default this
+  process's environment); its stdout lines."""
   proc = subprocess.run([sys.executable, '-m', 'simclr_jax.bench', *args], env=env, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
   if proc.returncode:
@@ -172,7 +173,7 @@ def _official_round(overrides: list[str], path: str, onednn: str) -> tuple[float
 
 def _our_round(overrides: list[str], out_dir: str) -> tuple[float, float]:
   """(median step time, CPU seconds per step) of one `bench step` child process."""
-  lines = _child(['step', *overrides, f'--out_dir={out_dir}'], dict(os.environ))
+  lines = _child(['step', *overrides, f'--out_dir={out_dir}'])
   saved = [l.removeprefix('saved ') for l in lines if l.startswith('saved ')][-1]
   with open(saved) as f:
     figures = json.load(f)['figures']
